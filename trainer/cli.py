@@ -1,0 +1,94 @@
+"""Command dispatch for ``launch.py``.
+
+fit/validate/test/predict go through LightningCLI, so a recipe maps 1:1 onto constructor
+arguments (``class_path``/``init_args``), ``--print_config`` works and dotted overrides
+(``--trainer.max_epochs 3``) work. The other commands are small argparse programs that
+live next to what they drive (export, data, slurm, pipeline, report).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from trainer.errors import UserError
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _lightning(argv: list[str]) -> int:
+    from trainer.recipe_cli import run_lightning_cli
+
+    run_lightning_cli(argv)
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    from trainer.export.cli import main
+
+    return main(argv)
+
+
+def _data(argv: list[str]) -> int:
+    from datamodules.tools import main
+
+    return main(argv)
+
+
+def _main_job(argv: list[str]) -> int:
+    from trainer.main_job import main
+
+    return main(argv)
+
+
+def _test_suite(argv: list[str]) -> int:
+    import pytest
+
+    code = pytest.main(argv or ["-q", "tests"])
+    return int(code)
+
+
+def _lazy(module: str, attr: str = "main") -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        mod = __import__(module, fromlist=[attr])
+        return getattr(mod, attr)(argv)
+
+    return run
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "export": _export,
+    "data": _data,
+    "main": _main_job,
+    "setup": lambda argv: 0,
+    "submit": _lazy("trainer.slurm_submit"),
+    "pipeline": _lazy("trainer.pipeline"),
+    "report": _lazy("trainer.report"),
+}
+
+
+def _configure_environment() -> None:
+    # Nothing may reach the network by default: W&B logs offline unless the user set a mode
+    # or an API key.
+    if "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__import__("launch").__doc__ if "launch" in sys.modules else __doc__)
+        return 0 if argv else 2
+    _configure_environment()
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "test" and not any(a.startswith(("--config", "-c", "--print_config")) for a in rest):
+            return _test_suite(rest)
+        if cmd in LIGHTNING_COMMANDS:
+            return _lightning(argv)
+        if cmd not in COMMANDS:
+            raise UserError(f"unknown command {cmd!r}; known: {', '.join([*LIGHTNING_COMMANDS, *COMMANDS])}")
+        return COMMANDS[cmd](rest)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code

@@ -1,0 +1,181 @@
+"""The segmentation LightningModule: one network, Dice+CE, Dice per class, any optimizer.
+
+A batch travels: ``batch["image"] -> self.net -> logits (or deep-supervision list)
+-> DiceCE + loss terms of technique callbacks -> backward``. Validation runs the network on
+whole slices (2D) or by sliding window over whole volumes (3D) through
+``trainer.inference.predict_logits``, the same function export verification uses.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import nn
+from torchmetrics.segmentation import DiceScore
+
+from trainer.errors import UserError
+from trainer.inference import predict_logits
+from trainer.losses import DiceCE
+from trainer.protocols import LossContributor
+from trainer.structure import CHECKPOINT_KEY, history, replay
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+
+
+class SegmentationModule(pl.LightningModule):
+    """Trains any segmentation ``nn.Module`` that maps ``[B, C, *S]`` to ``[B, K, *S]`` logits.
+
+    Args:
+        net: the network (recipe: ``class_path`` + ``init_args``; e.g. ``trainer.models.UNet``).
+        num_classes: classes including background; checked against the data and the net.
+        loss: supervised loss. Default ``DiceCE()``.
+        supervised_weight: weight of the supervised loss among all loss terms. Default 1.0.
+        optimizer: optimizer factory (recipe: ``class_path: torch.optim.AdamW``...).
+            Default AdamW(lr=1e-3, weight_decay=1e-4).
+        lr_scheduler: optional scheduler factory, stepped per epoch.
+        roi_size: sliding-window size for validation/test of volumes; ``None`` runs whole
+            images (2D). Default None.
+        sw_overlap: sliding-window overlap. Default 0.5.
+        divisor: whole-image inputs are padded to a multiple of this; ``None`` takes
+            ``net.divisor`` if the net has one, else 16.
+        class_names: names for per-class metrics; ``None`` takes them from the datamodule.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        loss: nn.Module | None = None,
+        supervised_weight: float = 1.0,
+        optimizer: OptimizerCallable = _adamw,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        roi_size: Sequence[int] | None = None,
+        sw_overlap: float = 0.5,
+        divisor: int | None = None,
+        class_names: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise UserError(f"model.num_classes={num_classes}: need at least 2 (background + one class)")
+        if supervised_weight < 0:
+            raise UserError(f"model.supervised_weight={supervised_weight}: must be >= 0")
+        # Under LightningCLI the hparams are the recipe's own dicts (``class_path`` included),
+        # which is what lets a checkpoint rebuild the net; built from Python, the modules
+        # themselves would be pickled, so they are left out.
+        self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() else ["net", "loss"])
+        self.net = net
+        self.num_classes = num_classes
+        self.loss = loss if loss is not None else DiceCE()
+        self.supervised_weight = supervised_weight
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.roi_size = list(roi_size) if roi_size else None
+        self.sw_overlap = sw_overlap
+        self.divisor = divisor or getattr(net, "divisor", 16)
+        self.class_names = list(class_names) if class_names else None
+        self.val_dice = self._dice_metric()
+        self.test_dice = self._dice_metric()
+
+    def _dice_metric(self) -> DiceScore:
+        # Global aggregation sums overlaps over the whole set: per-sample Dice of a small
+        # lesion absent from most slices would be dominated by empty slices.
+        return DiceScore(
+            num_classes=self.num_classes, include_background=False, average="none",
+            aggregation_level="global", input_format="index",
+        )
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        data_classes = getattr(dm, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise UserError(
+                f"model.num_classes={self.num_classes} but the data has {data_classes} classes "
+                f"({getattr(dm, 'path', 'datamodule')}); set model.num_classes={data_classes}"
+            )
+        if self.class_names is None:
+            names = getattr(dm, "class_names", None)
+            self.class_names = list(names) if names else [f"class{i}" for i in range(self.num_classes)]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        return self.net(image)
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        outputs = self.net(batch["image"])
+        self._check_output(outputs, batch)
+        terms = {"seg": self.supervised_weight * self.loss(outputs, batch["label"])}
+        for cb in self.trainer.callbacks if self._trainer else []:
+            if isinstance(cb, LossContributor):
+                terms.update(cb.loss_terms(self, batch, outputs))
+        loss = torch.stack([t.float() for t in terms.values()]).sum()
+        bs = batch["image"].shape[0]
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value.detach(), batch_size=bs, sync_dist=False)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        return loss
+
+    def _check_output(self, outputs, batch) -> None:
+        main = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+        want = (batch["image"].shape[0], self.num_classes, *batch["label"].shape[1:])
+        if tuple(main.shape) != want:
+            raise UserError(
+                f"{type(self.net).__name__} output shape {tuple(main.shape)} != expected {want} "
+                f"[batch, num_classes, *label spatial]; check the net's num_classes and spatial_dims"
+            )
+
+    # ---------------------------------------------------------------- evaluation
+    def predict_full(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits for whole slices or volumes (sliding window when ``roi_size`` is set)."""
+        return predict_logits(self.net, image, self.roi_size, self.sw_overlap, self.divisor)
+
+    def _eval_step(self, batch: dict[str, Any], metric: DiceScore, prefix: str) -> None:
+        logits = self.predict_full(batch["image"])
+        metric.update(logits.argmax(1), batch["label"])
+        loss = self.loss(logits, batch["label"])
+        self.log(f"{prefix}/loss", loss, batch_size=batch["image"].shape[0], sync_dist=True)
+
+    def _eval_epoch_end(self, metric: DiceScore, prefix: str) -> None:
+        per_class = metric.compute()  # foreground classes, NaN where never present
+        metric.reset()
+        names = (self.class_names or [])[1:] or [f"class{i}" for i in range(1, self.num_classes)]
+        for name, value in zip(names, per_class):
+            self.log(f"{prefix}/dice_{name}", torch.nan_to_num(value, 0.0), sync_dist=False)
+        self.log(f"{prefix}/dice", torch.nanmean(per_class), prog_bar=True, sync_dist=False)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_dice, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(self.val_dice, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_dice, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.test_dice, "test")
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault(CHECKPOINT_KEY, {})["structure"] = history(self.net)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called by Lightning before the state dict is loaded and before optimizers are
+        # built: replaying pruning/QAT here makes the weights fit and the optimizer see the
+        # final parameters.
+        replay(self.net, checkpoint.get(CHECKPOINT_KEY, {}).get("structure", []))
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        # Only trainable parameters: technique callbacks may hold frozen modules (a teacher)
+        # or learnable quantizer scales that they register on the net itself.
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
