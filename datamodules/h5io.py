@@ -1,0 +1,238 @@
+"""HDF5 reading and writing for the ``compressseg-h5`` layout (see :mod:`datamodules.schema`).
+
+Reads open the file with ``swmr=True`` so a file that a writer keeps open in SWMR mode can be
+read safely; writes use ``libver="latest"`` (needed for SWMR) and go to a temporary name that
+is renamed into place only when complete, so a crash never leaves a half-written file under
+the real name.
+
+Two ways to read arrays, chosen by :class:`H5Store`'s ``mode``:
+
+* ``"memmap"``: a contiguous, uncompressed dataset is a plain byte range of the file; it is
+  mapped with ``numpy.memmap`` at ``Dataset.id.get_offset()``. Pages live in the OS page
+  cache, shared by every rank and worker on a node, and a patch read is a memory copy. This
+  is the layout ``generate`` writes by default, and the fast path of the benchmark.
+* ``"h5py"``: hyperslab reads through h5py (any layout, any filter), with a chunk cache large
+  enough that neighbouring patches of one chunk do not decompress it twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import h5py
+import numpy as np
+
+from datamodules.schema import (
+    H5_FORMAT,
+    IMAGE_DTYPE,
+    LABEL_DTYPE,
+    VERSION,
+    CaseInfo,
+    DatasetHeader,
+    check_case_shapes,
+    check_class_metadata,
+    check_spacing,
+    validate_case,
+)
+from datamodules.store import CaseStore
+from trainer.errors import UserError
+
+COMPRESSIONS = (None, "lzf", "gzip")
+CHUNK_CACHE_BYTES = 64 * 2**20
+
+
+@contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block succeeds."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_h5(
+    path: str,
+    cases: Iterable[tuple[str, np.ndarray, np.ndarray, tuple[float, float, float]]],
+    *,
+    num_classes: int,
+    class_names: list[str],
+    compression: str | None = None,
+) -> int:
+    """Write ``(case_id, image, label, spacing)`` tuples atomically; returns the case count.
+
+    Args:
+        path: destination ``.h5`` file (replaced atomically when complete).
+        cases: iterable of cases; each is validated (dtype, shapes, label range, finite).
+        num_classes: classes including background.
+        class_names: one name per class.
+        compression: ``None`` (contiguous, memory-mappable: the fast read path), ``"lzf"`` or
+            ``"gzip"`` (chunked one slice per chunk).
+    """
+    num_classes, class_names = check_class_metadata(num_classes, class_names, path)
+    if compression not in COMPRESSIONS:
+        raise UserError(f"{path}: compression={compression!r} must be one of {list(COMPRESSIONS)}")
+    count, in_channels = 0, None
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", libver="latest") as f:
+            f.attrs["format"] = H5_FORMAT
+            f.attrs["version"] = VERSION
+            f.attrs["num_classes"] = num_classes
+            f.attrs["class_names"] = json.dumps(class_names)
+            group = f.create_group("cases")
+            for case_id, image, label, spacing in cases:
+                where = f"{path} case {case_id!r}"
+                if case_id in group:
+                    raise UserError(f"{where}: duplicate case id")
+                validate_case(image, label, num_classes, where)
+                spacing = check_spacing(spacing, where)
+                if in_channels is None:
+                    in_channels = image.shape[0]
+                elif image.shape[0] != in_channels:
+                    raise UserError(f"{where}: image has {image.shape[0]} channels, earlier cases have {in_channels}")
+                g = group.create_group(case_id)
+                g.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
+                opts = {}
+                if compression is not None:
+                    opts = {"compression": compression, "shuffle": True}
+                    if compression == "gzip":
+                        opts["compression_opts"] = 4
+                    g.create_dataset("image", data=image, chunks=(image.shape[0], 1, *image.shape[2:]), **opts)
+                    g.create_dataset("label", data=label, chunks=(1, *label.shape[1:]), **opts)
+                else:
+                    g.create_dataset("image", data=image)
+                    g.create_dataset("label", data=label)
+                count += 1
+            if count == 0:
+                raise UserError(f"{path}: no cases to write (empty dataset)")
+            f.attrs["in_channels"] = int(in_channels)
+    return count
+
+
+def open_h5(path: str, **kwargs) -> h5py.File:
+    """Open read-only with SWMR; a missing, truncated or non-HDF5 file is a ``UserError``."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file {path} does not exist; create it with `launch.py data generate` or `data convert`")
+    try:
+        return h5py.File(path, "r", swmr=True, **kwargs)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read as HDF5, the file is truncated or not HDF5 ({e}); regenerate or reconvert it") from None
+
+
+def _attr(f: h5py.File, key: str, path: str):
+    if key not in f.attrs:
+        raise UserError(f"{path}: root attribute {key!r} is missing; this is not a {H5_FORMAT} file, convert it with `launch.py data convert`")
+    value = f.attrs[key]
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _read_root(f: h5py.File, path: str) -> tuple[int, list[str], int]:
+    fmt = _attr(f, "format", path)
+    if fmt != H5_FORMAT:
+        raise UserError(f"{path}: format attribute is {fmt!r}, expected {H5_FORMAT!r}")
+    version = int(_attr(f, "version", path))
+    if version > VERSION:
+        raise UserError(f"{path}: layout version {version} is newer than this reader ({VERSION}); upgrade compressseg")
+    num_classes, class_names = check_class_metadata(_attr(f, "num_classes", path), _attr(f, "class_names", path), path)
+    return num_classes, class_names, int(_attr(f, "in_channels", path))
+
+
+def read_h5_description(path: str) -> dict:
+    """``num_classes``, ``class_names``, ``in_channels`` from the root attributes only."""
+    with open_h5(path) as f:
+        num_classes, class_names, in_channels = _read_root(f, path)
+    return {"num_classes": num_classes, "class_names": class_names, "in_channels": in_channels}
+
+
+def read_h5_header(path: str) -> tuple[DatasetHeader, list[tuple[int | None, int | None]]]:
+    """Read metadata only. Returns the header and, per case, the byte offsets of the image and
+    label datasets (``None`` where a dataset is chunked or filtered, so it cannot be mapped)."""
+    with open_h5(path) as f:
+        num_classes, class_names, in_channels = _read_root(f, path)
+        if "cases" not in f or not isinstance(f["cases"], h5py.Group):
+            raise UserError(f"{path}: group '/cases' is missing; expected /cases/<case_id>/image and /label")
+        cases, offsets = [], []
+        for case_id, g in f["cases"].items():
+            where = f"{path} /cases/{case_id}"
+            for key in ("image", "label"):
+                if key not in g or not isinstance(g[key], h5py.Dataset):
+                    raise UserError(f"{where}: dataset {key!r} is missing; every case needs 'image' and 'label'")
+            image, label = g["image"], g["label"]
+            check_case_shapes(image.shape, image.dtype, label.shape, label.dtype, where)
+            if image.shape[0] != in_channels:
+                raise UserError(f"{where}: image has {image.shape[0]} channels but the file says in_channels={in_channels}")
+            if "spacing" not in g.attrs:
+                raise UserError(f"{where}: attribute 'spacing' is missing (3 floats, z y x, mm)")
+            spacing = check_spacing(g.attrs["spacing"], where)
+            cases.append(CaseInfo(case_id, tuple(int(s) for s in image.shape), spacing))
+            offsets.append((_mappable_offset(image), _mappable_offset(label)))
+    if not cases:
+        raise UserError(f"{path}: contains no cases (empty dataset)")
+    size = os.path.getsize(path)
+    for info, (io, lo) in zip(cases, offsets):
+        nbytes = int(np.prod(info.image_shape)) * IMAGE_DTYPE.itemsize
+        if io is not None and io + nbytes > size or lo is not None and lo + int(np.prod(info.spatial_shape)) > size:
+            raise UserError(f"{path}: case {info.case_id!r} lies beyond the end of the file (truncated file); regenerate or reconvert it")
+    header = DatasetHeader(num_classes, class_names, in_channels, cases, source=path)
+    return header, offsets
+
+
+def _mappable_offset(dset: h5py.Dataset) -> int | None:
+    if dset.chunks is not None or dset.compression is not None or dset.external:
+        return None
+    if dset.dtype.byteorder == ">":
+        return None
+    return dset.id.get_offset()  # None when no storage is allocated
+
+
+class H5Store(CaseStore):
+    """Random access to the cases of one HDF5 file (see the module docstring for ``mode``)."""
+
+    def __init__(self, path: str, header: DatasetHeader, offsets, mode: str = "memmap"):
+        super().__init__(header)
+        if mode == "memmap" and any(o is None for pair in offsets for o in pair):
+            raise ValueError("H5Store: mode='memmap' needs contiguous uncompressed datasets")
+        self.path, self.offsets, self.mode = path, offsets, mode
+
+    def _open(self):
+        if self.mode == "memmap":
+            return np.memmap(self.path, dtype=np.uint8, mode="r")
+        f = open_h5(self.path, rdcc_nbytes=CHUNK_CACHE_BYTES)
+        group = f["cases"]
+        return f, [(group[c.case_id]["image"], group[c.case_id]["label"]) for c in self.cases]
+
+    def _close(self, handles) -> None:
+        if self.mode == "h5py":
+            handles[0].close()
+
+    def image(self, i: int):
+        handles = self.handles()
+        if self.mode == "memmap":
+            shape = self.cases[i].image_shape
+            return np.ndarray(shape, dtype=IMAGE_DTYPE, buffer=handles, offset=self.offsets[i][0])
+        return handles[1][i][0]
+
+    def label(self, i: int):
+        handles = self.handles()
+        if self.mode == "memmap":
+            shape = self.cases[i].spatial_shape
+            return np.ndarray(shape, dtype=LABEL_DTYPE, buffer=handles, offset=self.offsets[i][1])
+        return handles[1][i][1]
+
+
+def iter_h5_cases(path: str) -> Iterator[tuple[str, np.ndarray, np.ndarray, tuple[float, float, float]]]:
+    """Yield every case's arrays in file order (used to build caches and by ``inspect``)."""
+    with open_h5(path) as f:
+        for case_id, g in f["cases"].items():
+            try:
+                image, label = g["image"][()], g["label"][()]
+            except OSError as e:
+                raise UserError(f"{path} /cases/{case_id}: cannot read the arrays, the file is damaged ({e}); regenerate or reconvert it") from None
+            yield case_id, image, label, check_spacing(g.attrs["spacing"], f"{path} /cases/{case_id}")

@@ -1,0 +1,162 @@
+"""Which samples an epoch contains, which rank gets them, and where each patch lies.
+
+Everything here is a pure function of ``(seed, epoch, key)``: the epoch's order is a
+permutation drawn from ``(seed, epoch)``; a sample's patch location and augmentation are drawn
+from ``(seed, epoch, key)`` where ``key`` is the sample's global index in the epoch. So the
+content of a batch does not depend on the number of workers or on where a run was resumed.
+
+The sampler yields ``(epoch, key)`` pairs, not bare keys: the epoch travels with every index
+into the workers, so persistent workers and Lightning's own ``set_epoch`` calls both work and
+no dataset state has to be synchronised.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from datamodules.schema import check_label_range
+from trainer.errors import UserError
+
+# the stream index separates the independent random draws of one sample
+STREAM_PATCH, STREAM_AUGMENT = 0, 1
+
+
+def sample_rng(seed: int, epoch: int, key: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(epoch), int(key), int(stream)])
+
+
+def round_train_samples(samples: int, world_size: int, batch_size: int) -> int:
+    """Round ``samples`` up so every rank gets the same whole number of full batches."""
+    unit = world_size * batch_size
+    return max(1, math.ceil(samples / unit)) * unit
+
+
+class EpochSampler(Sampler):
+    """This rank's ``(epoch, key)`` pairs of one epoch of ``num_samples`` keys.
+
+    Training (``shuffle=True``): ``num_samples`` must be a multiple of ``world_size``
+    (see :func:`round_train_samples`); the keys are permuted by ``(seed, epoch)`` and rank
+    ``r`` takes every ``world_size``-th one from position ``r``, so ranks are disjoint and
+    together complete.
+
+    Evaluation (``shuffle=False``): rank ``r`` takes a contiguous block of the keys; blocks
+    differ in size by at most one, nothing is padded or duplicated. A rank left with no key
+    is an error.
+
+    Resuming is exact without any sampler state: the sequence is a function of the epoch, so
+    ``StatefulDataLoader`` fast-forwards it by the number of indices already consumed.
+    """
+
+    def __init__(self, num_samples: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epoch: int = 0, shuffle: bool = True, what: str = "dataset"):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"EpochSampler: rank={rank} not in [0, world_size={world_size})")
+        if shuffle and num_samples % world_size:
+            raise ValueError(f"EpochSampler: num_samples={num_samples} is not a multiple of world_size={world_size}")
+        if num_samples < world_size:
+            raise UserError(
+                f"{what}: {num_samples} samples cannot be split over {world_size} ranks, rank "
+                f"{num_samples} would get no data; add cases, raise val_fraction/test_fraction or use fewer devices"
+            )
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def keys(self) -> np.ndarray:
+        if self.shuffle:
+            order = np.random.default_rng([int(self.seed), int(self.epoch)]).permutation(self.num_samples)
+            return order[self.rank :: self.world_size]
+        lo = self.rank * self.num_samples // self.world_size
+        hi = (self.rank + 1) * self.num_samples // self.world_size
+        return np.arange(lo, hi)
+
+    def __iter__(self):
+        epoch = self.epoch
+        for key in self.keys().tolist():
+            yield (epoch, key)
+
+    def __len__(self) -> int:
+        if self.shuffle:
+            return self.num_samples // self.world_size
+        return (self.rank + 1) * self.num_samples // self.world_size - self.rank * self.num_samples // self.world_size
+
+
+@dataclass
+class CaseLabels:
+    """Per-case label statistics: voxel count per class and sampled voxel locations per class."""
+
+    counts: np.ndarray  # int64 [num_classes]
+    locations: dict[int, np.ndarray]  # class -> flat indices into [D, H, W], sorted
+
+
+def scan_labels(label: np.ndarray, num_classes: int, where: str, max_locations: int = 4096) -> CaseLabels:
+    """Count classes (checking the range) and keep up to ``max_locations`` evenly spread
+    voxel locations per foreground class, as nnU-Net does, for class-balanced crops."""
+    label = np.asarray(label)
+    check_label_range(label, num_classes, where)
+    flat = label.reshape(-1)
+    counts = np.bincount(flat, minlength=num_classes).astype(np.int64)
+    nz = np.flatnonzero(flat)
+    classes = flat[nz]
+    order = np.argsort(classes, kind="stable")
+    nz, classes = nz[order], classes[order]
+    bounds = np.searchsorted(classes, np.arange(num_classes + 1))
+    locations = {}
+    for c in range(1, num_classes):
+        idx = nz[bounds[c] : bounds[c + 1]]
+        if idx.size > max_locations:
+            idx = idx[np.linspace(0, idx.size - 1, max_locations).astype(np.int64)]
+        if idx.size:
+            locations[c] = idx
+    return CaseLabels(counts, locations)
+
+
+def forced_foreground(key: int, fraction: float) -> bool:
+    """Exactly ``fraction`` of consecutive keys are forced onto foreground (evenly spread)."""
+    return math.floor((key + 1) * fraction + 1e-9) > math.floor(key * fraction + 1e-9)
+
+
+def _start_containing(rng, voxel: int, patch: int, size: int) -> int:
+    """A start such that ``voxel`` lies in the central half of the patch where possible."""
+    lo, hi = min(0, size - patch), max(0, size - patch)
+    a, b = max(lo, voxel - (3 * patch) // 4), min(hi, voxel - patch // 4)
+    if a > b:  # cannot keep it central near a border: any start that contains it
+        a, b = max(lo, voxel - patch + 1), min(hi, voxel)
+    return int(rng.integers(a, b + 1))
+
+
+def choose_patch(rng: np.random.Generator, spatial_shape, patch_size, labels: CaseLabels, force_fg: bool):
+    """Pick a region of ``patch_size`` (the trailing axes) in a case of ``spatial_shape``.
+
+    For 2D (``len(patch_size) == 2``) a slice index along D is chosen as well. Returns
+    ``(starts, fg_class)`` with ``starts`` over all three axes (the D start of a 2D sample is
+    its slice) and ``fg_class`` the class it was forced onto (0 when not forced or no
+    foreground exists). Forced samples pick a present foreground class uniformly, then a voxel
+    of it uniformly (nnU-Net's class-balanced crop).
+    """
+    shape = tuple(int(s) for s in spatial_shape)
+    present = sorted(labels.locations)
+    draws = rng.random(4)  # fixed number of draws: the stream stays aligned across branches
+    if force_fg and present:
+        cls = present[int(draws[0] * len(present))]
+        locs = labels.locations[cls]
+        voxel = np.unravel_index(int(locs[int(draws[1] * locs.size)]), shape)
+        if len(patch_size) == 2:
+            starts = [int(voxel[0])] + [_start_containing(rng, int(v), p, s) for v, p, s in zip(voxel[1:], patch_size, shape[1:])]
+        else:
+            starts = [_start_containing(rng, int(v), p, s) for v, p, s in zip(voxel, patch_size, shape)]
+        return starts, cls
+    if len(patch_size) == 2:
+        starts = [int(draws[2] * shape[0])]
+        dims = zip(patch_size, shape[1:])
+    else:
+        starts, dims = [], zip(patch_size, shape)
+    for p, s in dims:
+        lo, hi = min(0, s - p), max(0, s - p)
+        starts.append(int(rng.integers(lo, hi + 1)))
+    return starts, 0
