@@ -16,11 +16,29 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 from torchmetrics.segmentation import DiceScore
 
+from trainer.checkpointing import load_checkpoint
 from trainer.errors import UserError
 from trainer.inference import predict_logits
 from trainer.losses import DiceCE
 from trainer.protocols import LossContributor
 from trainer.structure import CHECKPOINT_KEY, history, replay
+
+
+def load_net_from_checkpoint(net: nn.Module, path: str) -> None:
+    """Replay ``path``'s structural history on ``net`` and load its network weights."""
+    ckpt = load_checkpoint(path)
+    replay(net, ckpt.get(CHECKPOINT_KEY, {}).get("structure", []), source=str(path))
+    weights = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    try:
+        missing, unexpected = net.load_state_dict(weights, strict=False)
+        problem = f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected or not weights else ""
+    except RuntimeError as exc:  # shape mismatches
+        problem = " ".join(str(exc).split())[:300]
+    if problem:
+        raise UserError(
+            f"model.init_from={path}: its network weights do not fit {type(net).__name__} ({problem}); "
+            "is it a checkpoint of the same net?"
+        )
 
 
 def _adamw(params):
@@ -44,6 +62,10 @@ class SegmentationModule(pl.LightningModule):
         divisor: whole-image inputs are padded to a multiple of this; ``None`` takes
             ``net.divisor`` if the net has one, else 16.
         class_names: names for per-class metrics; ``None`` takes them from the datamodule.
+        init_from: a checkpoint of this framework whose network (structure history and
+            weights) this run starts from, e.g. the previous stage of a pipeline. Only the
+            network is taken: optimizer, schedule and loops start fresh. A resumed run
+            (``--ckpt_path``) then overwrites it with its own checkpoint.
     """
 
     def __init__(
@@ -58,6 +80,7 @@ class SegmentationModule(pl.LightningModule):
         sw_overlap: float = 0.5,
         divisor: int | None = None,
         class_names: Sequence[str] | None = None,
+        init_from: str | None = None,
     ):
         super().__init__()
         if num_classes < 2:
@@ -65,9 +88,11 @@ class SegmentationModule(pl.LightningModule):
         if supervised_weight < 0:
             raise UserError(f"model.supervised_weight={supervised_weight}: must be >= 0")
         # Under LightningCLI the hparams are the recipe's own dicts (``class_path`` included),
-        # which is what lets a checkpoint rebuild the net; built from Python, the modules
-        # themselves would be pickled, so they are left out.
-        self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() else ["net", "loss"])
+        # which is what lets a checkpoint rebuild the net; built from Python, the modules and
+        # factories themselves would be pickled (and break weights_only loading), so they
+        # are left out.
+        from_python = ["net", "loss", "optimizer", "lr_scheduler"]
+        self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() else from_python)
         self.net = net
         self.num_classes = num_classes
         self.loss = loss if loss is not None else DiceCE()
@@ -80,6 +105,10 @@ class SegmentationModule(pl.LightningModule):
         self.class_names = list(class_names) if class_names else None
         self.val_dice = self._dice_metric()
         self.test_dice = self._dice_metric()
+        if init_from:
+            # In __init__, before any technique callback converts the net in its setup, so a
+            # QAT or pruning stage starts from the previous stage's exact network.
+            load_net_from_checkpoint(self.net, init_from)
 
     def _dice_metric(self) -> DiceScore:
         # Global aggregation sums overlaps over the whole set: per-sample Dice of a small

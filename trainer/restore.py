@@ -78,6 +78,7 @@ def restore_run(ckpt_path: str | Path, with_data: bool = True) -> RestoredRun:
 def _build_module(path: Path, ckpt: dict[str, Any]) -> SegmentationModule:
     hparams = dict(ckpt.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
+    hparams["init_from"] = None  # the checkpoint's own weights replace it; the file may be gone
     if not isinstance(hparams.get("net"), dict):
         raise UserError(f"{path}: checkpoint has no recipe for its network (hyper_parameters.net); "
                         "it was not written by `launch.py fit`")
