@@ -57,7 +57,7 @@ def _print_summary(onnx_dir: Path, seconds: float) -> None:
         ("Dice (PyTorch, val, mean fg)", f"{dice['pytorch']['mean_foreground']:.4f}"),
         ("Dice (ONNX in onnxruntime)", f"{dice['artifact']['mean_foreground']:.4f}"),
         ("max |ONNX - PyTorch| logit", f"{card['metrics']['max_abs_diff']:.2e}"),
-        ("parameters", f"{card['model']['parameters']:,}"),
+        ("parameters", f"{card['source']['parameters']:,}"),
         ("ONNX file size", f"{artifact['bytes'] / 1e6:.2f} MB"),
         ("artifact", str(onnx_dir / artifact["file"])),
         ("model card", str(onnx_dir / "model_card.json")),

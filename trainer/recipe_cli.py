@@ -6,7 +6,10 @@ network, the data and every technique without the original YAML file.
 """
 from __future__ import annotations
 
+import json
+import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -62,6 +65,51 @@ class RecipeCLI(LightningCLI):
 
     def _subparser_dump(self, sub: str, cfg) -> str:
         return self._subcommand_parsers[sub].dump(cfg, skip_link_targets=False, skip_none=False)
+
+    # Issue 4 (scale): exact resume, atomic checkpoints and SLURM requeue are always on, not
+    # recipe options: RNGState + RequeueOnSignal callbacks, AtomicCheckpointIO, and
+    # SLURMEnvironment(auto_requeue=False) inside SLURM jobs (trainer/checkpointing.py).
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        from trainer.checkpointing import always_on_trainer_kwargs
+
+        trainer_cfg = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        return super().instantiate_trainer(**{**kwargs, **always_on_trainer_kwargs(trainer_cfg)})
+
+    # Issue 4: ``--ckpt_path last`` / ``last-or-fresh`` -> newest checkpoint that passes the
+    # integrity check (a corrupt one is reported and skipped); explicit paths are checked.
+    def _resolve_ckpt_path(self) -> None:
+        from trainer.checkpointing import resolve_resume_path
+
+        cfg = self.config_init[self.subcommand]
+        if "ckpt_path" in cfg:
+            cfg["ckpt_path"] = resolve_resume_path(self.trainer, cfg["ckpt_path"])
+
+    before_fit = before_validate = before_test = _resolve_ckpt_path
+
+    def after_fit(self) -> None:
+        # Pipelines need to know whether fit ran to its end or stopped early (requeue, kill):
+        # a run that stopped early leaves "completed": false and is resumed, not skipped.
+        write_fit_status(self.trainer)
+
+
+FIT_STATUS = "fit_status.json"
+
+
+def write_fit_status(trainer: pl.Trainer) -> None:
+    """Write ``<default_root_dir>/fit_status.json`` on rank 0 (atomically)."""
+    if trainer.global_rank != 0:
+        return
+    max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
+    completed = (max_steps > 0 and trainer.global_step >= max_steps) or (
+        max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs
+    )
+    status = {"completed": bool(completed and not trainer.interrupted), "epoch": trainer.current_epoch,
+              "global_step": trainer.global_step}
+    path = Path(trainer.default_root_dir) / FIT_STATUS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status))
+    os.replace(tmp, path)
 
 
 def run_lightning_cli(argv: list[str]) -> RecipeCLI:

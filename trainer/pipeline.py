@@ -1,0 +1,240 @@
+"""``python launch.py pipeline recipes/pipeline_X.yaml``: a chain of stages, one recipe.
+
+A pipeline file lists stages in order. A training stage is a recipe (its own file, or the
+previous stage's recipe) plus ``set`` overrides and ``inputs`` that wire an earlier stage's
+checkpoint into a recipe key::
+
+    run_dir: runs/pipeline_unet2d
+    stages:
+      - name: teacher
+        recipe: recipes/unet2d_phantom.yaml
+        set: {trainer.max_epochs: 6}
+      - name: distill
+        recipe: recipes/distill_unet2d.yaml
+        inputs: {trainer.callbacks.Distillation.teacher: teacher}
+        export: [onnx]
+
+Dotted keys walk the recipe; inside a list (``trainer.callbacks``) a segment picks the entry
+whose ``class_path`` ends with it, and ``init_args`` is implied. Each stage runs in
+``<run_dir>/<stage>/`` (checkpoints, logs, the resolved ``recipe.yaml``); the runner skips
+stages already complete with an unchanged recipe, resumes an interrupted one from its last
+checkpoint, refuses a changed recipe for a complete stage unless ``--rerun-changed``, exports
+each stage's checkpoint (verified) and ends with the compression report. It is safe to run
+again after a kill or a SLURM requeue: that is how it resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGE_KEYS = {"name", "recipe", "set", "inputs", "export", "checkpoint"}
+STATUS = "stage.json"
+
+
+@dataclass
+class Stage:
+    name: str
+    recipe: dict[str, Any]
+    inputs: dict[str, str] = field(default_factory=dict)
+    export: list[str] = field(default_factory=list)
+    checkpoint: str = "best"  # which checkpoint of the stage feeds later stages and export
+
+
+# ---------------------------------------------------------------- parsing
+def load_pipeline(path: str | Path) -> tuple[Path, list[Stage]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pipeline file {path} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
+        raise UserError(f"{path}: needs a non-empty 'stages' list")
+    unknown = set(spec) - {"run_dir", "stages"}
+    if unknown:
+        raise UserError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: run_dir, stages")
+    run_dir = Path(spec.get("run_dir") or f"runs/{path.stem}")
+    stages: list[Stage] = []
+    for i, raw in enumerate(spec["stages"]):
+        stages.append(_parse_stage(path, i, raw, stages))
+    return run_dir, stages
+
+
+def _parse_stage(path: Path, i: int, raw: Any, earlier: list[Stage]) -> Stage:
+    where = f"{path}: stages[{i}]"
+    if not isinstance(raw, dict) or not raw.get("name"):
+        raise UserError(f"{where} must be a mapping with a 'name'")
+    name = str(raw["name"])
+    where = f"{path}: stage '{name}'"
+    if set(raw) - STAGE_KEYS:
+        raise UserError(f"{where}: unknown keys {sorted(set(raw) - STAGE_KEYS)}; allowed: {sorted(STAGE_KEYS)}")
+    known = [s.name for s in earlier]
+    if name in known:
+        raise UserError(f"{where}: the name is used twice")
+    if "recipe" in raw:
+        recipe_path = Path(raw["recipe"])
+        if not recipe_path.is_file():
+            raise UserError(f"{where}: recipe {recipe_path} does not exist")
+        recipe = yaml.safe_load(recipe_path.read_text()) or {}
+    elif earlier:
+        recipe = copy.deepcopy(earlier[-1].recipe)
+    else:
+        raise UserError(f"{where}: the first stage needs a 'recipe'")
+    for key, value in (raw.get("set") or {}).items():
+        set_dotted(recipe, key, value, where)
+    inputs = dict(raw.get("inputs") or {})
+    for key, source in inputs.items():
+        if source not in known:
+            raise UserError(f"{where}: input {key} names unknown stage {source!r}; earlier stages: {known}")
+        set_dotted(recipe, key, f"<{source}>", where)  # checked now, filled in at run time
+    checkpoint = raw.get("checkpoint", "best")
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"{where}: checkpoint={checkpoint!r} must be 'best' or 'last'")
+    return Stage(name, recipe, inputs, list(raw.get("export") or []), checkpoint)
+
+
+def set_dotted(config: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set ``a.b.c`` in a recipe; list segments match a ``class_path`` suffix."""
+    node: Any = config
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            matches = [e for e in node if isinstance(e, dict) and str(e.get("class_path", "")).split(".")[-1] == part]
+            if len(matches) != 1:
+                names = [str(e.get("class_path", "?")).split(".")[-1] for e in node if isinstance(e, dict)]
+                raise UserError(f"{where}: key {key}: {part!r} matches {len(matches)} entries of {names}")
+            node = matches[0]
+            continue
+        if not isinstance(node, dict):
+            raise UserError(f"{where}: key {key}: {'.'.join(parts[:depth])} is not a mapping")
+        if "class_path" in node and part not in ("class_path", "init_args"):
+            node = node.setdefault("init_args", {})
+        if last:
+            node[part] = value
+        else:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+
+
+# ---------------------------------------------------------------- running
+class Runner:
+    def __init__(self, run_dir: Path, stages: list[Stage], rerun_changed: bool = False):
+        self.run_dir = run_dir
+        self.stages = stages
+        self.rerun_changed = rerun_changed
+        self.checkpoints: dict[str, Path] = {}
+
+    def stage_dir(self, stage: Stage) -> Path:
+        return self.run_dir / stage.name
+
+    def resolved_recipe(self, stage: Stage) -> dict[str, Any]:
+        recipe = copy.deepcopy(stage.recipe)
+        for key, source in stage.inputs.items():
+            set_dotted(recipe, key, str(self.checkpoints[source]), f"stage '{stage.name}'")
+        _isolate(recipe, self.stage_dir(stage))
+        return recipe
+
+    def run(self) -> None:
+        changed_upstream = False
+        for index, stage in enumerate(self.stages):
+            changed_upstream = self._run_stage(index, stage, changed_upstream)
+
+    def _run_stage(self, index: int, stage: Stage, changed_upstream: bool) -> bool:
+        sdir = self.stage_dir(stage)
+        recipe = self.resolved_recipe(stage)
+        text = yaml.safe_dump(recipe, sort_keys=False)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        status = _read_json(sdir / STATUS)
+        ckpt = sdir / "checkpoints" / f"{stage.checkpoint}.ckpt"
+        if status.get("complete") and status.get("recipe_sha256") == digest and not changed_upstream and ckpt.exists():
+            print(f"[pipeline] {stage.name}: complete, skipped ({sdir})", flush=True)
+            self.checkpoints[stage.name] = ckpt
+            return False
+        if status.get("recipe_sha256") not in (None, digest) or (status.get("complete") and changed_upstream):
+            if not self.rerun_changed:
+                why = "an earlier stage was rerun" if changed_upstream else "its recipe changed"
+                raise UserError(f"stage '{stage.name}' ({sdir}) was run before but {why}; "
+                                "rerun it with --rerun-changed (its old outputs are deleted) or use a new run_dir")
+            shutil.rmtree(sdir)
+        sdir.mkdir(parents=True, exist_ok=True)
+        (sdir / "recipe.yaml").write_text(text)
+        _write_json(sdir / STATUS, {"index": index, "complete": False, "recipe_sha256": digest})
+        resume = (sdir / "checkpoints" / "last.ckpt").exists()
+        args = ["fit", "--config", str(sdir / "recipe.yaml")] + (["--ckpt_path", "last"] if resume else [])
+        _launch(f"{stage.name}: {'resume' if resume else 'train'}", args)
+        fit = _read_json(sdir / "fit_status.json")
+        if not fit.get("completed"):
+            raise UserError(f"stage '{stage.name}' stopped before the end of training ({sdir}); "
+                            "run the pipeline again to resume it")
+        if not ckpt.exists():
+            raise UserError(f"stage '{stage.name}' finished but wrote no {ckpt}")
+        self.checkpoints[stage.name] = ckpt
+        for fmt in stage.export:
+            _launch(f"{stage.name}: export {fmt}", ["export", "--ckpt", str(ckpt), "--format", fmt,
+                                                    "--out", str(sdir / "export" / fmt), "--overwrite"])
+        _write_json(sdir / STATUS, {"index": index, "complete": True, "recipe_sha256": digest, "checkpoint": str(ckpt),
+                                    "exports": {f: str(sdir / "export" / f) for f in stage.export}})
+        return True
+
+
+def _isolate(recipe: dict[str, Any], sdir: Path) -> None:
+    """Point the recipe's root dir, checkpoint dirs and logger at the stage's own folder."""
+    trainer = recipe.setdefault("trainer", {})
+    trainer["default_root_dir"] = str(sdir)
+    for cb in trainer.get("callbacks") or []:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ModelCheckpoint"):
+            cb.setdefault("init_args", {})["dirpath"] = str(sdir / "checkpoints")
+    logger = trainer.get("logger")
+    for lg in logger if isinstance(logger, list) else [logger]:
+        if isinstance(lg, dict) and "init_args" in lg and "save_dir" in lg["init_args"]:
+            lg["init_args"]["save_dir"] = str(sdir)
+
+
+def _launch(title: str, args: list[str]) -> None:
+    print(f"\n[pipeline] {title}\n$ python launch.py {shlex.join(args)}", flush=True)
+    code = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=Path.cwd()).returncode
+    if code != 0:
+        raise UserError(f"[{title}] failed with exit code {code}: python launch.py {shlex.join(args)}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="launch.py pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("pipeline", help="pipeline YAML, e.g. recipes/pipeline_unet2d.yaml")
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="rerun complete stages whose recipe changed (and every stage after them)")
+    parser.add_argument("--no-report", action="store_true", help="skip the compression report at the end")
+    args = parser.parse_args(argv)
+    run_dir, stages = load_pipeline(args.pipeline)
+    Runner(run_dir, stages, args.rerun_changed).run()
+    if not args.no_report:
+        from trainer.report import write_report
+
+        write_report(run_dir)
+    return 0
