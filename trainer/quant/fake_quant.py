@@ -1,0 +1,185 @@
+"""Symmetric int8 fake quantization with zero-point 0, on torch's fake-quantize primitives.
+
+The numbers (TensorRT's explicit-quantization convention, which ONNX QDQ carries)::
+
+    q  = clamp(round_half_to_even(x / s), qmin, 127)      x_hat = q * s      s = amax / 127
+
+* activations: ``qmin = -128`` (ONNX ``QuantizeLinear`` saturates int8 to [-128, 127];
+  TensorRT quantizes activations to the same range), one scale per tensor;
+* weights: ``qmin = -127`` (TensorRT takes INT8 weights in [-127, 127]), one scale per
+  output channel. -128 is never produced, so the grid is exactly symmetric.
+
+Gradients:
+
+* straight-through estimator: ``d x_hat / d x = 1`` where ``qmin <= x / s <= 127`` and 0
+  outside the clip range (torch's fake-quantize backward);
+* learnable scales (LSQ, Esser et al., "Learned Step Size Quantization", ICLR 2020):
+  ``d x_hat / d s = round(x / s) - x / s`` inside the range, ``qmin`` or ``127`` outside,
+  multiplied by the gradient scale ``g = 1 / sqrt(N * 127)`` where ``N`` is the number of
+  elements sharing the scale (weights: the elements of one output channel; activations: the
+  elements of the batch tensor). Torch's ``_fake_quantize_learnable_*`` ops implement both.
+
+A :class:`TensorQuantizer` holds one tensor's scale (a buffer, or a parameter when learnable)
+and switches between three behaviours: pass-through until calibrated, observing during
+calibration, fake-quantizing afterwards. During ONNX export it uses the plain fake-quantize
+ops, which the exporter writes as QuantizeLinear/DequantizeLinear pairs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from trainer.errors import UserError
+
+QMAX = 127
+ACT_QMIN = -128
+WEIGHT_QMIN = -127
+# ONNX requires scales > 0; a channel whose weights are all zero gets this tiny scale (its
+# values quantize to 0 either way).
+MIN_SCALE = 1e-12
+
+Kind = Literal["weight", "input"]
+
+
+def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """``amax / 127`` with a floor so no scale is zero."""
+    return (amax.float() / QMAX).clamp_min(MIN_SCALE)
+
+
+def lsq_grad_factor(elements_per_scale: int) -> float:
+    """LSQ's gradient scale ``1 / sqrt(N * Qp)``."""
+    return 1.0 / math.sqrt(max(1, elements_per_scale) * QMAX)
+
+
+def fake_quant_per_tensor(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int = ACT_QMIN, grad_factor: float | None = None
+) -> torch.Tensor:
+    """Fake-quantize ``x`` with one scale (a 0-d tensor).
+
+    With ``grad_factor`` (LSQ) the scale receives a gradient; otherwise it is treated as a
+    constant and only ``x`` gets the straight-through gradient.
+    """
+    dtype = x.dtype
+    if dtype != torch.float32:  # the kernels are float32; bf16-mixed activations go back to bf16
+        x = x.float()
+    if grad_factor is not None:
+        zero = torch.zeros(1, device=x.device)
+        out = torch._fake_quantize_learnable_per_tensor_affine(x, scale.reshape(1), zero, qmin, QMAX, grad_factor)
+    else:
+        zero = torch.zeros((), dtype=torch.int32, device=x.device)
+        out = torch.fake_quantize_per_tensor_affine(x, scale.detach(), zero, qmin, QMAX)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def fake_quant_per_channel(
+    w: torch.Tensor, scale: torch.Tensor, axis: int, qmin: int = WEIGHT_QMIN, grad_factor: float | None = None
+) -> torch.Tensor:
+    """Fake-quantize ``w`` with one scale per slice along ``axis`` (``scale``: ``[w.shape[axis]]``)."""
+    dtype = w.dtype
+    if dtype != torch.float32:
+        w = w.float()
+    if grad_factor is not None:
+        zero = torch.zeros_like(scale, dtype=torch.float32)
+        out = torch._fake_quantize_learnable_per_channel_affine(w, scale, zero, axis, qmin, QMAX, grad_factor)
+    else:
+        zero = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
+        out = torch.fake_quantize_per_channel_affine(w, scale.detach(), zero, axis, qmin, QMAX)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def channel_amax(w: torch.Tensor, axis: int) -> torch.Tensor:
+    """``max |w|`` of every slice along ``axis``: the per-channel weight range."""
+    dims = [d for d in range(w.dim()) if d != axis]
+    return w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes one tensor: a layer's weight (per channel) or its input (per tensor).
+
+    The scale is the only state in the ``state_dict`` (key ``<layer>.<weight|input>_quant.scale``;
+    shape ``[channels]`` for weights, ``[]`` for inputs). A scale of 0 means "not calibrated":
+    the quantizer then passes values through unchanged, and loading a state dict with
+    positive scales enables it.
+
+    Args:
+        kind: ``"weight"`` (per channel along ``axis``, range [-127, 127]) or ``"input"``
+            (per tensor, range [-128, 127]).
+        channels: number of weight channels (``weight.shape[axis]``); ignored for inputs.
+        axis: the weight's output-channel axis (0 for Conv/Linear, 1 for ConvTranspose).
+        learnable: LSQ scale (an ``nn.Parameter``) instead of a buffer.
+    """
+
+    def __init__(self, kind: Kind, channels: int | None = None, axis: int | None = None, learnable: bool = False):
+        super().__init__()
+        if kind not in ("weight", "input"):
+            raise ValueError(f"TensorQuantizer: kind={kind!r} must be 'weight' or 'input'")
+        if kind == "weight" and (channels is None or axis is None):
+            raise ValueError("TensorQuantizer: a weight quantizer needs channels and axis")
+        self.kind = kind
+        self.axis = axis if kind == "weight" else None
+        self.qmin = WEIGHT_QMIN if kind == "weight" else ACT_QMIN
+        self.learnable = learnable
+        scale = torch.zeros((channels,) if kind == "weight" else ())
+        if learnable:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.enabled = False  # becomes True once calibrated or loaded with positive scales
+        self.frozen = False  # ranges frozen: no scale gradient, no weight-range refresh
+        self.observer: Any = None  # set by calibration; while set, values are observed, not quantized
+        self.label = kind  # filled in with the layer's path by the converter, for messages
+
+    def extra_repr(self) -> str:
+        per = f"per-channel axis={self.axis}" if self.kind == "weight" else "per-tensor"
+        return f"{self.kind}, {per}, range=[{self.qmin}, {QMAX}], learnable={self.learnable}, enabled={self.enabled}"
+
+    def set_amax(self, amax: torch.Tensor) -> None:
+        """Set the scale from a range (``amax / 127``) and enable quantization."""
+        with torch.no_grad():
+            self.scale.copy_(scale_from_amax(amax).to(self.scale.device).reshape(self.scale.shape))
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.observe(x.detach())
+            return x
+        if not self.enabled:
+            if torch.onnx.is_in_onnx_export():
+                raise UserError(f"{self.label}: quantizer is not calibrated; run calibration (QAT or "
+                                "`launch.py quantize`) before exporting onnx-qdq")
+            return x
+        return self._quantize(x)
+
+    def effective_scale(self) -> torch.Tensor:
+        """The scale used: learnable scales are kept positive (``|s|`` floored at MIN_SCALE),
+        as torch's own learnable fake-quantize does; an optimizer step may overshoot zero."""
+        if self.learnable and not torch.onnx.is_in_onnx_export():
+            return self.scale.abs().clamp_min(MIN_SCALE)
+        return self.scale  # export: positive by construction (see export_qdq.bake_for_export)
+
+    def project_scale(self) -> None:
+        """Store the effective scale (after an optimizer step), so checkpoints hold it."""
+        with torch.no_grad():
+            self.scale.abs_().clamp_(min=MIN_SCALE)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        exporting = torch.onnx.is_in_onnx_export()
+        learn = self.learnable and not self.frozen and not exporting and torch.is_grad_enabled()
+        scale = self.effective_scale()
+        if self.kind == "input":
+            factor = lsq_grad_factor(x.numel()) if learn else None
+            return fake_quant_per_tensor(x, scale, self.qmin, factor)
+        factor = lsq_grad_factor(x.numel() // max(1, x.shape[self.axis])) if learn else None
+        # The legacy ONNX exporter only accepts the range [-128, 127]; export_qdq clamps the
+        # weights to +-127 steps first, so the exported Q never yields -128 and matches torch.
+        qmin = ACT_QMIN if exporting else self.qmin
+        return fake_quant_per_channel(x, scale, self.axis, qmin, factor)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        loaded = state_dict.get(prefix + "scale")
+        if isinstance(loaded, torch.Tensor) and loaded.shape == self.scale.shape:
+            self.enabled = bool((loaded > 0).all())
