@@ -1,0 +1,99 @@
+"""launch.py pipeline / report end to end on tiny stages, including a kill and a resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
+from test_fit_cli import ROOT, launch, tiny_recipe  # noqa: E402
+
+from trainer.errors import UserError  # noqa: E402
+from trainer.pipeline import load_pipeline, set_dotted  # noqa: E402
+
+
+def write_pipeline(tmp: Path, teacher_epochs: int = 2, student_epochs: int = 2) -> Path:
+    recipe = tiny_recipe(tmp, epochs=teacher_epochs, n_train=8)
+    spec = {
+        "run_dir": str(tmp / "pipe"),
+        "stages": [
+            {"name": "teacher", "recipe": str(recipe), "export": ["onnx"]},
+            {"name": "student", "set": {"trainer.max_epochs": student_epochs,
+                                        "model.net.init_args.base_channels": 4},
+             "inputs": {"model.init_from": "teacher"}, "export": ["onnx"]},
+        ],
+    }
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_set_dotted_walks_lists_by_class_name():
+    recipe = {"trainer": {"callbacks": [{"class_path": "a.B", "init_args": {"x": 1}}, {"class_path": "a.C"}]}}
+    set_dotted(recipe, "trainer.callbacks.C.y", 2, "t")
+    set_dotted(recipe, "trainer.callbacks.B.x", 3, "t")
+    assert recipe["trainer"]["callbacks"] == [{"class_path": "a.B", "init_args": {"x": 3}},
+                                              {"class_path": "a.C", "init_args": {"y": 2}}]
+    with pytest.raises(UserError, match="'D' matches 0 entries"):
+        set_dotted(recipe, "trainer.callbacks.D.z", 1, "t")
+
+
+def test_unknown_input_stage_is_named(tmp_path):
+    path = write_pipeline(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"][1]["inputs"] = {"model.init_from": "teachr"}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserError, match="unknown stage 'teachr'.*teacher"):
+        load_pipeline(path)
+
+
+def test_report_on_directory_without_runs(tmp_path, subprocess_env):
+    proc = launch(["report", str(tmp_path)], subprocess_env, check=False)
+    assert proc.returncode == 2 and "has no runs" in proc.stderr
+
+
+@pytest.mark.slow
+def test_pipeline_runs_resumes_after_kill_skips_and_refuses_changes(tmp_path, subprocess_env):
+    path = write_pipeline(tmp_path, teacher_epochs=6)
+    run_dir = tmp_path / "pipe"
+    # 1) kill the pipeline in the middle of the teacher stage (after its first checkpoint)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "pipeline", str(path)], cwd=ROOT,
+                            env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    last = run_dir / "teacher" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), "the teacher stage never wrote a checkpoint"
+    assert not json.loads((run_dir / "teacher" / "stage.json").read_text())["complete"]
+    # 2) run again: the teacher resumes from its last checkpoint, then the student runs
+    out = launch(["pipeline", str(path)], subprocess_env).stdout
+    assert "teacher: resume" in out and "student: train" in out
+    for stage in ("teacher", "student"):
+        status = json.loads((run_dir / stage / "stage.json").read_text())
+        assert status["complete"] and (run_dir / stage / "export" / "onnx" / "model_card.json").exists()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [(r["stage"], r["kind"]) for r in report["rows"]] == [
+        ("teacher", "pytorch"), ("teacher", "onnx"), ("student", "pytorch"), ("student", "onnx")]
+    assert all(r["latency_ms"] > 0 and 0 <= r["dice"] <= 1 for r in report["rows"])
+    assert report["goals"] and {"goal", "value", "target", "met"} <= set(report["goals"][0])
+    assert (run_dir / "report.png").stat().st_size > 0 and (run_dir / "qualitative.png").stat().st_size > 0
+    # 3) a third run skips both stages
+    out = launch(["pipeline", str(path), "--no-report"], subprocess_env).stdout
+    assert "teacher: complete, skipped" in out and "student: complete, skipped" in out
+    # 4) a changed recipe for a complete stage is refused, then rerun on request
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"][1]["set"]["trainer.max_epochs"] = 1
+    path.write_text(yaml.safe_dump(spec))
+    proc = launch(["pipeline", str(path), "--no-report"], subprocess_env, check=False)
+    assert proc.returncode == 2 and "stage 'student'" in proc.stderr and "--rerun-changed" in proc.stderr
+    out = launch(["pipeline", str(path), "--no-report", "--rerun-changed"], subprocess_env).stdout
+    assert "teacher: complete, skipped" in out and "student: train" in out
