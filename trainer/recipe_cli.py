@@ -125,6 +125,14 @@ def run_lightning_cli(argv: list[str]) -> RecipeCLI:
     except Exception as exc:  # jsonargparse's ArgumentError and friends
         if type(exc).__name__ in ("ArgumentError", "NSKeyError"):
             raise UserError(_one_line(exc, argv)) from None
+        # A UserError raised by a constructor (e.g. a callback's argument check) reaches us
+        # wrapped by jsonargparse in a ValueError ("Does not validate against any of the Union
+        # subtypes"); report the user's error itself, in one line, with exit status 2.
+        cause = exc
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
         raise
 
 
