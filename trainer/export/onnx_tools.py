@@ -46,7 +46,7 @@ def export_onnx(
     Raises:
         UserError: naming the model class and the operator the exporter could not convert.
     """
-    cls = type(net).__qualname__
+    cls = type(net).__name__
     if opset < 17:
         raise UserError(f"opset={opset} is too old; use 17 or newer")
     names = axis_names(example.dim() - 2)
