@@ -76,6 +76,7 @@ class ExportMeta:
             class_names=list(run.class_names) if run.class_names else None,
             divisor=run.divisor,
             roi_size=list(run.roi_size) if run.roi_size is not None else None,
+            in_channels=getattr(run, "in_channels", None),
             checkpoint=checkpoint,
         )
 
@@ -236,7 +237,7 @@ def export_artifact(
             output_step=result.output_step, probe=probe,
         )
         if not report.passed:
-            raise VerificationError(report.message(f"{fmt.name} artifact of {type(net).__qualname__}"))
+            raise VerificationError(report.message(f"{fmt.name} artifact of {type(net).__name__}"))
         shutil.rmtree(work)
         card = _card(fmt, result, report, ctx, net, in_channels, opset)
         cards.write_card(card, staging)

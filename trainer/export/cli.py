@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.restore import restore_run
 
         run = restore_run(str(ckpt))
+        if run.datamodule is None:
+            raise UserError(f"checkpoint {ckpt} carries no datamodule recipe; export needs its validation data to verify on")
         path = export_artifact(
             run.module.net, fmt, args.out, run.datamodule.val_dataloader(), ExportMeta.from_run(run, ckpt),
             opset=args.opset, overwrite=args.overwrite, tolerance=overrides or None,
