@@ -64,6 +64,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "submit": _lazy("trainer.slurm_submit"),
     "pipeline": _lazy("trainer.pipeline"),
     "report": _lazy("trainer.report"),
+    "distill-cache": _lazy("trainer.distill.cache"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Compression techniques as Lightning callbacks, one file each (imported by class path)."""

@@ -1,0 +1,373 @@
+"""Offline distillation: teacher logits computed once, stored in HDF5, replayed per batch.
+
+Command::
+
+    python launch.py distill-cache --teacher runs/unet2d_phantom/checkpoints/best.ckpt \\
+        --data-config recipes/distill_unet2d.yaml --out runs/teacher2d_logits.h5
+
+File layout (``format="compressseg-teacher-cache"``, ``version=1``), parallel to the dataset's::
+
+    /                  attrs: format, version, dataset (JSON {path, sha256}), teachers (JSON
+                       [{path, sha256, class_path}]), ensemble, temperature, num_classes,
+                       spatial_dims, roi_size (JSON or null)
+    /cases/<case_id>/logits   float16 [K, D, H, W]   teacher logits of the whole case
+
+Why whole un-augmented cases: the training datamodule (:mod:`datamodules.datasets`) draws each
+patch's location and spatial augmentation from ``(seed, epoch, sample key)``. Caching per
+patch would freeze one epoch's draws; caching whole cases lets every epoch's patch be cut
+from the cache. Alignment is done by :class:`PatchReplay`: it runs the training dataset's
+own ``__getitem__`` for the batch's ``(epoch, index)`` with the case arrays swapped for the
+cached logits (plus a channel of ones that becomes the valid mask) and intensity
+augmentation switched off, so crop, flips, quarter turns and the small affine are applied
+by the very code that made the batch. The replayed label must equal the batch's label,
+checked on every sample, so a datamodule that changed its sampling fails loudly instead of
+distilling misaligned targets. A datamodule that already delivers aligned logits as
+``batch["teacher_logits"]`` (optionally ``batch["teacher_mask"]``) is used as is.
+
+What offline cannot reproduce, by design: the online teacher sees the *augmented* patch
+(intensity changes, the patch border); the cache holds the teacher's view of the clean whole
+case (2D: whole slices; 3D: sliding window over the volume with ``roi_size``). Voxels that an
+augmented patch takes from outside the case have no cached target and are masked out.
+
+Identity: the file records the sha256 of the dataset file and of every teacher file; a
+training run whose dataset (or given teacher) hashes differently is refused in one line.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from trainer.distill.teacher import ENSEMBLE_MODES, TeacherEnsemble, load_teacher, sha256_file
+from trainer.errors import UserError
+from trainer.inference import predict_logits
+
+CACHE_FORMAT = "compressseg-teacher-cache"
+CACHE_VERSION = 1
+VALID_THRESHOLD = 0.999  # a voxel is valid if (almost) all of its interpolation weight is inside
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+# ---------------------------------------------------------------------------- identity
+def _file_sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
+
+
+def dataset_fingerprint(datamodule: Any) -> dict[str, str]:
+    """``{"path", "sha256"}`` of the data a datamodule reads (a file, or every file of a
+    directory in sorted order)."""
+    path = getattr(datamodule, "path", None)
+    if not path or not os.path.exists(path):
+        raise UserError(f"offline distillation needs a datamodule that reads a data file (`path`); "
+                        f"{type(datamodule).__name__} has {path!r}")
+    if os.path.isfile(path):
+        return {"path": str(path), "sha256": _file_sha256(path)}
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path)}\0{_file_sha256(str(file))}\0".encode())
+    return {"path": str(path), "sha256": digest.hexdigest()}
+
+
+# ---------------------------------------------------------------------------- reading
+class TeacherCache:
+    """A cache file opened for reading; checks what it was made from."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise UserError(f"teacher cache {self.path} does not exist; make it with `launch.py distill-cache`")
+        try:
+            with h5py.File(self.path, "r") as f:
+                attrs = dict(f.attrs)
+                self.case_ids = sorted(f["cases"].keys()) if "cases" in f else []
+        except OSError as exc:
+            raise UserError(f"teacher cache {self.path} is not a readable HDF5 file ({exc})") from None
+        if attrs.get("format") != CACHE_FORMAT:
+            raise UserError(f"{self.path} is not a teacher cache (format={attrs.get('format')!r}, want {CACHE_FORMAT!r}); "
+                            "make one with `launch.py distill-cache`")
+        self.dataset = json.loads(attrs["dataset"])
+        self.teachers = json.loads(attrs["teachers"])
+        self.ensemble, self.temperature = str(attrs["ensemble"]), float(attrs["temperature"])
+        self.num_classes, self.spatial_dims = int(attrs["num_classes"]), int(attrs["spatial_dims"])
+        self._replay: PatchReplay | None = None
+        self._replay_source: int | None = None
+
+    @classmethod
+    def open_for_training(cls, path: str, datamodule: Any, teacher_paths: Sequence[str], temperature: float,
+                          ensemble: str) -> "TeacherCache":
+        """Open ``path`` and refuse it if it was made from other data, another teacher, or
+        (for an averaged-probability ensemble) another temperature."""
+        cache = cls(path)
+        data = dataset_fingerprint(datamodule)
+        if data["sha256"] != cache.dataset["sha256"]:
+            raise UserError(
+                f"teacher cache {path} was made from dataset {cache.dataset['path']} (sha256 {cache.dataset['sha256'][:12]}) "
+                f"but training reads {data['path']} (sha256 {data['sha256'][:12]}); rebuild it with `launch.py distill-cache`"
+            )
+        if teacher_paths:
+            given = [sha256_file(p) if os.path.isfile(p) else f"missing file {p}" for p in teacher_paths]
+            made = [t["sha256"] for t in cache.teachers]
+            if given != made:
+                raise UserError(
+                    f"teacher cache {path} was made from teacher(s) {[(t['path'], t['sha256'][:12]) for t in cache.teachers]} "
+                    f"but the recipe names {list(zip(teacher_paths, [g[:12] for g in given]))}; rebuild the cache"
+                )
+        if len(cache.teachers) > 1 and cache.ensemble == "probs" and abs(cache.temperature - temperature) > 1e-9:
+            raise UserError(f"teacher cache {path} averaged {len(cache.teachers)} teachers' probabilities at T={cache.temperature}, "
+                            f"the recipe asks T={temperature}; rebuild it with --temperature {temperature}")
+        if len(cache.teachers) > 1 and cache.ensemble != ensemble:
+            raise UserError(f"teacher cache {path} holds a {cache.ensemble!r} ensemble, the recipe asks {ensemble!r}")
+        classes = getattr(datamodule, "num_classes", None)
+        if classes is not None and int(classes) != cache.num_classes:
+            raise UserError(f"teacher cache {path} has {cache.num_classes} classes, the data has {classes}")
+        dims = getattr(datamodule, "spatial_dims", None)
+        if dims is not None and int(dims) != cache.spatial_dims:
+            raise UserError(f"teacher cache {path} was made for spatial_dims={cache.spatial_dims}, the data has {dims}")
+        return cache
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data summary recorded in the student's checkpoint."""
+        return {"path": self.path, "dataset": dict(self.dataset), "ensemble": self.ensemble,
+                "temperature": self.temperature}
+
+    def batch_logits(self, trainer: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher logits ``[B, K, *S]`` (float32) aligned with ``batch``, and the valid mask."""
+        if "teacher_logits" in batch:
+            return batch["teacher_logits"].float(), batch.get("teacher_mask")
+        replay = self._replay_for(trainer)
+        epoch = int(trainer.current_epoch)
+        logits, masks = [], []
+        for i, key in enumerate(batch["index"].tolist()):
+            z, valid, label = replay(epoch, key)
+            if not torch.equal(label, batch["label"][i].cpu()):
+                raise UserError(
+                    f"teacher cache {self.path}: replaying the datamodule's crop/augmentation for sample {key} "
+                    f"(case {batch['case'][i]!r}, epoch {epoch}) did not reproduce the batch's label; the training "
+                    "data must be a function of (seed, epoch, index) for offline distillation"
+                )
+            logits.append(z)
+            masks.append(valid)
+        device = batch["label"].device
+        return torch.stack(logits).to(device), torch.stack(masks).to(device)
+
+    def _replay_for(self, trainer: Any) -> "PatchReplay":
+        dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        if self._replay is None or self._replay_source != id(dataset):
+            self._replay, self._replay_source = PatchReplay(dataset, self), id(dataset)
+        return self._replay
+
+
+class _LogitsWithValid:
+    """Array-like ``[K+1, D, H, W]`` float32: the cached fp16 logits of one case plus a channel
+    of ones, read region by region (only what a patch needs is read from the file)."""
+
+    def __init__(self, dset: h5py.Dataset):
+        self._dset = dset
+        self.shape = (dset.shape[0] + 1, *dset.shape[1:])
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        if not index or index[0] is not Ellipsis or len(index) != self.ndim:
+            raise TypeError(f"cached logits support array[..., d, h, w] reads only, got {index!r}")
+        logits = np.asarray(self._dset[(slice(None), *index[1:])], dtype=np.float32)
+        return np.concatenate([logits, np.ones((1, *logits.shape[1:]), np.float32)])
+
+
+class CachedLogitsStore:
+    """Duck-typed :class:`datamodules.store.CaseStore`: cached logits as the ``image`` of each
+    case, the dataset's own label as ``label``; cases in the dataset's order."""
+
+    def __init__(self, cache: TeacherCache, source: Any):
+        self.cache, self.source, self.header = cache, source, source.header
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    @property
+    def cases(self):
+        return self.source.cases
+
+    def _h5(self) -> h5py.File:
+        if self._pid != os.getpid():  # never use a handle inherited through fork
+            self._file, self._pid = h5py.File(self.cache.path, "r"), os.getpid()
+        return self._file
+
+    def image(self, i: int) -> _LogitsWithValid:
+        case_id = self.source.cases[i].case_id
+        group = self._h5().get(f"cases/{case_id}")
+        if group is None:
+            raise UserError(f"teacher cache {self.cache.path} has no case {case_id!r}; rebuild it with "
+                            "`launch.py distill-cache --cases all`")
+        dset = group["logits"]
+        if tuple(dset.shape[1:]) != tuple(self.source.cases[i].spatial_shape):
+            raise UserError(f"teacher cache {self.cache.path}: case {case_id!r} logits {dset.shape} do not match "
+                            f"the case's shape {self.source.cases[i].spatial_shape}")
+        return _LogitsWithValid(dset)
+
+    def label(self, i: int):
+        return self.source.label(i)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+
+class PatchReplay:
+    """Cut the cached logits exactly as the training dataset cut the batch's patch.
+
+    ``dataset`` must be a map-style dataset indexed by ``(epoch, key)`` with a ``store``
+    (the case arrays) and an ``augment`` config (:class:`datamodules.datasets.PatchDataset`).
+    """
+
+    def __init__(self, dataset: Any, cache: TeacherCache):
+        if dataset is None or not all(hasattr(dataset, a) for a in ("store", "augment", "__getitem__")):
+            raise UserError(
+                f"offline distillation: the training data ({type(dataset).__name__}) neither delivers "
+                "batch['teacher_logits'] nor is a datamodules PatchDataset whose crops can be replayed"
+            )
+        replay = copy.copy(dataset)
+        replay.store = CachedLogitsStore(cache, dataset.store)
+        # spatial parameters are drawn before (and independently of) the intensity ones, so
+        # switching intensity off keeps the exact same crop, flips, turns and affine
+        replay.augment = dataclasses.replace(dataset.augment, intensity_prob=0.0, gamma_prob=0.0, noise_prob=0.0)
+        self._dataset = replay
+
+    def __call__(self, epoch: int, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits [K, *P], valid [*P] bool, label [*P])`` of sample ``key`` in ``epoch``."""
+        sample = self._dataset[(epoch, key)]
+        stack = sample["image"]
+        return stack[:-1], stack[-1] > VALID_THRESHOLD, sample["label"]
+
+
+# ---------------------------------------------------------------------------- writing
+def case_logits(teacher: TeacherEnsemble, image: np.ndarray, spatial_dims: int, roi_size: Sequence[int] | None,
+                divisor: int, batch_size: int = 8, overlap: float = 0.5, device: str = "cpu") -> np.ndarray:
+    """Teacher logits ``[K, D, H, W]`` (float32) of one whole case ``image [C, D, H, W]``:
+    slice by slice in 2D, sliding window (``roi_size``) in 3D."""
+    x = torch.from_numpy(np.array(image, dtype=np.float32))  # a writable copy
+    if spatial_dims == 3:
+        out = predict_logits(teacher, x[None].to(device), roi_size, overlap, divisor)[0]
+        return out.float().cpu().numpy()
+    slices = x.permute(1, 0, 2, 3)  # [D, C, H, W]
+    parts = [predict_logits(teacher, slices[i:i + batch_size].to(device), None, overlap, divisor).float().cpu()
+             for i in range(0, slices.shape[0], batch_size)]
+    return torch.cat(parts).permute(1, 0, 2, 3).numpy()
+
+
+def write_cache(out: str, teacher: TeacherEnsemble, teacher_infos: list[dict], datamodule: Any,
+                case_indices: Sequence[int] | None = None, batch_size: int = 8, overlap: float = 0.5,
+                device: str = "cpu", log=print) -> None:
+    """Run ``teacher`` over whole cases of ``datamodule`` (set up) and write ``out`` atomically."""
+    store, dims = datamodule.store, int(datamodule.spatial_dims)
+    roi = list(datamodule.patch_size) if dims == 3 else None
+    divisor = int(getattr(teacher.first, "divisor", 16))
+    indices = list(range(len(store.cases))) if case_indices is None else list(case_indices)
+    attrs = {
+        "format": CACHE_FORMAT, "version": CACHE_VERSION,
+        "dataset": json.dumps(dataset_fingerprint(datamodule)), "teachers": json.dumps(teacher_infos),
+        "ensemble": teacher.mode, "temperature": teacher.temperature, "num_classes": int(datamodule.num_classes),
+        "spatial_dims": dims, "roi_size": json.dumps(roi),
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(Path(out).parent / f".{Path(out).name}.tmp-{uuid.uuid4().hex[:8]}")
+    teacher.to(device).eval()
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(attrs)
+            for n, i in enumerate(indices):
+                case = store.cases[i]
+                logits = case_logits(teacher, np.asarray(store.image(i)[...]), dims, roi, divisor, batch_size, overlap, device)
+                if logits.shape[0] != int(datamodule.num_classes):
+                    raise UserError(f"teacher outputs {logits.shape[0]} classes, the data {datamodule.path} has "
+                                    f"{datamodule.num_classes}")
+                f.create_dataset(f"cases/{case.case_id}/logits", data=logits.astype(np.float16))
+                if log and (n + 1) % max(1, len(indices) // 10) == 0:
+                    log(f"[distill-cache] {n + 1}/{len(indices)} cases")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------- command
+def _datamodule_from_recipe(path: str):
+    import lightning.pytorch as pl
+    import yaml
+    from lightning.pytorch.cli import instantiate_module
+
+    import datamodules  # noqa: F401  (built-in datamodules importable by class_path)
+
+    if not os.path.isfile(path):
+        raise UserError(f"--data-config {path} does not exist")
+    with open(path) as fh:
+        recipe = yaml.safe_load(fh) or {}
+    data = recipe.get("data")
+    if not isinstance(data, dict) or "class_path" not in data:
+        raise UserError(f"--data-config {path} has no `data: {{class_path: ..., init_args: ...}}` section")
+    try:
+        dm = instantiate_module(pl.LightningDataModule, {"_class_path": data["class_path"], **(data.get("init_args") or {})})
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"--data-config {path}: cannot build {data['class_path']}: {' '.join(str(exc).split())[:300]}") from None
+    dm.prepare_data()
+    dm.setup("fit")
+    if getattr(dm, "store", None) is None:
+        raise UserError(f"--data-config {path}: {data['class_path']} exposes no case store; offline caching needs "
+                        "a datamodules.SegDataModule")
+    return dm
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch.py distill-cache",
+                                description="Precompute teacher logits for offline distillation (see trainer/distill/cache.py).")
+    p.add_argument("--teacher", action="append", required=True, help="teacher checkpoint; repeat for an ensemble")
+    p.add_argument("--teacher-class", default=None, help="nn.Module class path for plain weights files")
+    p.add_argument("--teacher-init-args", default="{}", help="JSON keyword arguments of --teacher-class")
+    p.add_argument("--data-config", required=True, help="recipe whose `data:` section names the dataset")
+    p.add_argument("--out", required=True, help="HDF5 file to write")
+    p.add_argument("--ensemble", default="probs", choices=ENSEMBLE_MODES)
+    p.add_argument("--temperature", type=float, default=2.0, help="T of a probability-averaged ensemble")
+    p.add_argument("--cases", default="all", choices=("all", "train"), help="cache every case or the training split")
+    p.add_argument("--batch-size", type=int, default=8, help="2D slices per teacher forward")
+    p.add_argument("--overlap", type=float, default=0.5, help="3D sliding-window overlap")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        init_args = json.loads(args.teacher_init_args)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--teacher-init-args {args.teacher_init_args!r} is not JSON ({exc})") from None
+    if not args.temperature > 0:
+        raise UserError(f"--temperature={args.temperature} must be > 0")
+    dm = _datamodule_from_recipe(args.data_config)
+    loaded = [load_teacher(p, args.teacher_class, init_args) for p in args.teacher]
+    teacher = TeacherEnsemble([net for net, _ in loaded], args.ensemble, args.temperature)
+    indices = dm.splits["train"] if args.cases == "train" else None
+    write_cache(args.out, teacher, [info for _, info in loaded], dm, indices, args.batch_size, args.overlap, args.device)
+    size = os.path.getsize(args.out) / 2**20
+    print(f"[distill-cache] wrote {args.out} ({size:.1f} MiB) from {len(loaded)} teacher(s) over {dm.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Loading, freezing and ensembling the teacher networks of a distillation run.
+
+A teacher is either a checkpoint of this framework (``launch.py fit`` wrote it; the network
+is rebuilt by :func:`trainer.restore.restore_run`, pruned/QAT structure included), or any
+``nn.Module`` named by ``class_path`` (+ ``init_args``) plus a weights file (a raw
+``state_dict``, or a checkpoint holding one under ``"state_dict"``; a ``net.``/``model.``/
+``module.`` prefix is stripped). Files are read with ``weights_only=True``.
+
+Teachers are frozen (eval mode, ``requires_grad=False``) and are never registered in the
+student's LightningModule: they stay out of its ``state_dict``, its optimizer and the
+reach of pruning/QAT callbacks (which act on ``pl_module.net``). Each teacher is identified by
+its path and the sha256 of its file, which the student's checkpoint records.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.errors import UserError
+
+EnsembleMode = Literal["probs", "logits"]
+ENSEMBLE_MODES = ("probs", "logits")
+_PREFIXES = ("", "net.", "model.", "module.")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def freeze(net: nn.Module) -> nn.Module:
+    """Eval mode and ``requires_grad=False`` for every parameter; returns ``net``."""
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def main_output(out: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """The full-resolution logits of a network output (first item of a deep-supervision list)."""
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def load_teacher(path: str | Path, class_path: str | None = None,
+                 init_args: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, str]]:
+    """Load and freeze one teacher; returns ``(net, {"path", "sha256", "class_path"})``.
+
+    Args:
+        path: a framework checkpoint (``class_path=None``) or a weights file.
+        class_path: import path of the teacher's ``nn.Module`` class, for plain weights files.
+        init_args: keyword arguments of that class.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"teacher checkpoint {path} does not exist (Distillation.teacher)")
+    if class_path is None:
+        net = _from_framework_checkpoint(path)
+    else:
+        net = _from_class_path(path, class_path, init_args or {})
+    info = {"path": str(path), "sha256": sha256_file(path),
+            "class_path": class_path or f"{type(net).__module__}.{type(net).__qualname__}"}
+    return freeze(net), info
+
+
+def _from_framework_checkpoint(path: Path) -> nn.Module:
+    from trainer.restore import restore_run  # imports datamodules: only when needed
+
+    try:
+        return restore_run(path, with_data=False).net
+    except UserError as err:
+        raise UserError(f"teacher {err}; for a plain weights file set Distillation.teacher_class "
+                        "(and teacher_init_args)") from None
+
+
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise UserError(f"teacher_class {class_path!r} cannot be imported ({exc})") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise UserError(f"teacher_class {class_path!r} is not an nn.Module class")
+    return cls
+
+
+def _from_class_path(path: Path, class_path: str, init_args: dict[str, Any]) -> nn.Module:
+    cls = _import(class_path)
+    try:
+        net = cls(**init_args)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"teacher_class {class_path} rejected teacher_init_args {init_args}: {exc}") from None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling/zip errors of every kind
+        raise UserError(f"teacher weights {path} are not readable ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"teacher weights {path} hold no state_dict of tensors")
+    net.load_state_dict(_match_state(net, state, path, class_path))
+    return net
+
+
+def _match_state(net: nn.Module, state: dict[str, torch.Tensor], path: Path, class_path: str) -> dict[str, torch.Tensor]:
+    """Pick the key prefix under which ``state`` fits ``net``; a one-line error if nothing fits."""
+    expected = net.state_dict()
+    candidates = [{k[len(p):]: v for k, v in state.items() if k.startswith(p)} for p in _PREFIXES]
+    best = max(candidates, key=lambda c: len(expected.keys() & c.keys()))
+    missing = sorted(expected.keys() - best.keys())
+    unexpected = sorted(best.keys() - expected.keys())
+    shapes = [f"{k} {tuple(best[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in best and best[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        def few(items):
+            return f"{items[:3]}{'...' if len(items) > 3 else ''}"
+        raise UserError(
+            f"teacher weights {path} do not match {class_path}: missing {few(missing)}, "
+            f"unexpected {few(unexpected)}, shape mismatches {few(shapes)}; check teacher_init_args"
+        )
+    return best
+
+
+class TeacherEnsemble(nn.Module):
+    """One or more frozen teachers seen as one network that returns logits.
+
+    Several teachers (e.g. the folds of a cross-validation) are combined per voxel:
+
+    * ``"probs"`` (default): average the tempered probabilities,
+      ``p = 1/M sum_m softmax(z_m / T)``, returned as the logits ``T * log p`` (so that
+      ``softmax(. / T)`` of the result is exactly ``p``). The combined logits depend on ``T``.
+    * ``"logits"``: average the logits, ``z = 1/M sum_m z_m`` (independent of ``T``).
+
+    A single teacher's logits are returned unchanged in both modes. Feature hooks read the
+    first teacher only (independently trained networks do not share channel meanings).
+
+    Args:
+        members: frozen networks mapping ``[B, C, *S]`` to ``[B, K, *S]`` (or a DS list).
+        mode: ``"probs"`` or ``"logits"``.
+        temperature: ``T`` of the ``"probs"`` average.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], mode: EnsembleMode = "probs", temperature: float = 1.0):
+        super().__init__()
+        if mode not in ENSEMBLE_MODES:
+            raise UserError(f"Distillation.ensemble={mode!r}: must be one of {list(ENSEMBLE_MODES)}")
+        if not members:
+            raise UserError("Distillation: no teacher given")
+        self.members = nn.ModuleList(members)
+        self.mode, self.temperature = mode, float(temperature)
+
+    @property
+    def first(self) -> nn.Module:
+        return self.members[0]
+
+    def train(self, mode: bool = True) -> "TeacherEnsemble":
+        return super().train(False)  # a teacher is always in eval mode
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        outs = [main_output(m(image)) for m in self.members]
+        if len(outs) == 1:
+            return outs[0]
+        shapes = {tuple(o.shape) for o in outs}
+        if len(shapes) > 1:
+            raise UserError(f"teacher ensemble members disagree on output shape: {sorted(shapes)}")
+        if self.mode == "logits":
+            return torch.stack([o.float() for o in outs]).mean(0)
+        t = self.temperature
+        logp = torch.stack([F.log_softmax(o.float() / t, dim=1) for o in outs]).logsumexp(0) - math.log(len(outs))
+        return t * logp
