@@ -1,0 +1,146 @@
+"""Offline distillation: the cache command, replay of crops/augmentation, identity checks,
+and offline == online loss on the same batch (up to float16 rounding of the cache)."""
+from __future__ import annotations
+
+import json
+
+import h5py
+import pytest
+import torch
+
+from distill_testing import (LINEAR_TEACHER, data_recipe, fake_trainer, framework_checkpoint, linear_teacher,
+                             phantom_datamodule, unet_kwargs)
+from trainer.callbacks.distill import Distillation
+from trainer.distill import losses
+from trainer.distill.cache import TeacherCache, main
+from trainer.errors import UserError
+from trainer.models.unet import UNet
+from trainer.module import SegmentationModule
+
+FP16_REL = 2.0**-11  # float16 round-to-nearest relative error
+
+
+def _make_cache(tmp_path, *, teacher=None, out="cache.h5", extra=(), **data):
+    path, init_args = teacher or linear_teacher(tmp_path / "lin.pt", num_classes=5)
+    argv = ["--teacher", str(path), "--teacher-class", LINEAR_TEACHER, "--teacher-init-args", json.dumps(init_args),
+            "--data-config", str(data_recipe(tmp_path, **data)), "--out", str(tmp_path / out), *extra]
+    assert main(argv) == 0
+    return tmp_path / out, path, init_args
+
+
+def _student():
+    torch.manual_seed(0)
+    return SegmentationModule(UNet(**unet_kwargs(num_classes=5, ds=True)), num_classes=5)
+
+
+def _setup(cb, dm, loader, epoch, student):
+    cb.setup(fake_trainer(dm, loader, epoch=epoch, callbacks=[cb]), student, "fit")
+    return cb
+
+
+def test_cache_file_layout_and_records(tmp_path):
+    cache, teacher, _ = _make_cache(tmp_path)
+    dm = phantom_datamodule(tmp_path)
+    with h5py.File(cache) as f:
+        assert f.attrs["format"] == "compressseg-teacher-cache"
+        assert json.loads(f.attrs["teachers"])[0]["path"] == str(teacher)
+        assert sorted(f["cases"]) == [c.case_id for c in dm.store.cases]
+        logits = f["cases/case_0000/logits"]
+        assert logits.dtype == "float16" and logits.shape == (5, 4, 48, 48)
+
+
+def test_replayed_cache_equals_teacher_on_augmented_patches(tmp_path):
+    """Crop, flips, quarter turns and the affine: the replayed cached logits equal the
+    (pointwise linear) teacher's logits on the augmented batch wherever they are valid."""
+    cache, teacher, init_args = _make_cache(tmp_path, aug_affine_prob=0.7)
+    dm = phantom_datamodule(tmp_path, aug_affine_prob=0.7)
+    loader = dm.make_dataloader("train", epoch=3)
+    student = _student()
+    online = _setup(Distillation(teacher=str(teacher), teacher_class=LINEAR_TEACHER, teacher_init_args=init_args), dm, loader, 3, student)
+    offline = _setup(Distillation(cache=str(cache)), dm, loader, 3, student)
+    for batch in loader:
+        want, _, _ = online.teacher_targets(student, batch)
+        got, _, valid = offline.teacher_targets(student, batch)
+        assert valid.float().mean() > 0.8
+        err = ((got - want).abs() * valid[:, None]).max()
+        assert err <= 2 * FP16_REL * want.abs().max()
+
+
+def test_offline_and_online_give_the_same_loss_on_the_same_batch(tmp_path):
+    cache, teacher, init_args = _make_cache(tmp_path, aug_affine_prob=0.0)
+    dm = phantom_datamodule(tmp_path, aug_affine_prob=0.0)
+    loader = dm.make_dataloader("train", epoch=1)
+    student = _student()
+    kwargs = dict(temperature=2.0, kd_weight=1.0, kd_ds_weight=0.5)
+    online = _setup(Distillation(teacher=str(teacher), teacher_class=LINEAR_TEACHER, teacher_init_args=init_args, **kwargs),
+                    dm, loader, 1, student)
+    offline = _setup(Distillation(cache=str(cache), **kwargs), dm, loader, 1, student)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        outs = student.net(batch["image"])
+        on, off = online.loss_terms(student, batch, outs), offline.loss_terms(student, batch, outs)
+        # tolerance from float16 rounding of the cached logits: |dz| <= eps = 2^-11 max|z|, and
+        # |dL| <= 2 T eps (1 + max|log p - log q|) for L = T^2 KL(p_T || q_T) (first order)
+        z, _, _ = online.teacher_targets(student, batch)
+        t = kwargs["temperature"]
+        gap = (losses.tempered_log_probs(z, t) - losses.tempered_log_probs(outs[0], t)).abs().max()
+        tol = 2 * t * FP16_REL * z.abs().max() * (1 + gap)
+    assert set(on) == set(off) == {"kd", "kd_ds"}
+    for name in on:
+        assert abs(on[name] - off[name]) <= tol, (name, on[name], off[name], tol)
+
+
+def test_misaligned_replay_is_detected(tmp_path):
+    cache, _, _ = _make_cache(tmp_path)
+    dm = phantom_datamodule(tmp_path)
+    loader = dm.make_dataloader("train", epoch=0)
+    offline = _setup(Distillation(cache=str(cache)), dm, loader, 5, _student())  # trainer says epoch 5
+    with pytest.raises(UserError, match="did not reproduce the batch's label"):
+        offline.teacher_targets(_student(), next(iter(loader)))
+
+
+def test_cache_from_another_dataset_or_teacher_is_refused(tmp_path):
+    cache, teacher, init_args = _make_cache(tmp_path)
+    other_data = phantom_datamodule(tmp_path / "x", generate={"cases": 6, "shape": [4, 48, 48], "seed": 1})
+    with pytest.raises(UserError, match=r"made from dataset .* but training reads"):
+        TeacherCache.open_for_training(str(cache), other_data, [], 2.0, "probs")
+    other_teacher, _ = linear_teacher(tmp_path / "other.pt", num_classes=5, seed=1)
+    dm = phantom_datamodule(tmp_path)
+    with pytest.raises(UserError, match="was made from teacher"):
+        TeacherCache.open_for_training(str(cache), dm, [str(other_teacher)], 2.0, "probs")
+    TeacherCache.open_for_training(str(cache), dm, [str(teacher)], 2.0, "probs")  # the right one passes
+
+
+def test_not_a_cache_and_missing_cases(tmp_path):
+    dm = phantom_datamodule(tmp_path)
+    with pytest.raises(UserError, match="is not a teacher cache"):
+        TeacherCache(dm.path)
+    cache, _, _ = _make_cache(tmp_path, extra=["--cases", "train"])
+    with h5py.File(cache) as f:
+        assert len(f["cases"]) == len(dm.splits["train"])
+    val_case = dm.splits["val"][0]
+    store = TeacherCache(cache)
+    from trainer.distill.cache import CachedLogitsStore
+
+    with pytest.raises(UserError, match="has no case"):
+        CachedLogitsStore(store, dm.store).image(val_case)
+
+
+def test_offline_refuses_feature_terms_and_wrong_class_count(tmp_path):
+    with pytest.raises(UserError, match="intermediate features"):
+        Distillation(cache="x.h5", features=[{"student": "a", "teacher": "b"}])
+    cache, _, _ = _make_cache(tmp_path)
+    dm = phantom_datamodule(tmp_path)
+    student = SegmentationModule(UNet(**unet_kwargs(num_classes=3)), num_classes=3)
+    with pytest.raises(UserError, match="has 5 classes but the student outputs 3"):
+        _setup(Distillation(cache=str(cache)), dm, None, 0, student)
+
+
+def test_3d_cache_uses_sliding_window_over_whole_volumes(tmp_path):
+    teacher = framework_checkpoint(tmp_path / "t3.ckpt", **unet_kwargs(spatial_dims=3, num_classes=5, base=2))
+    argv = ["--teacher", str(teacher), "--data-config", str(data_recipe(tmp_path, spatial_dims=3)),
+            "--out", str(tmp_path / "c3.h5"), "--overlap", "0.25"]
+    assert main(argv) == 0
+    with h5py.File(tmp_path / "c3.h5") as f:
+        assert f["cases/case_0000/logits"].shape == (5, 24, 32, 32) and f.attrs["spatial_dims"] == 3
+        assert json.loads(f.attrs["roi_size"]) == [16, 16, 16]
