@@ -1,0 +1,267 @@
+"""Quantization-aware training (int8, TensorRT explicit-quantization convention) as a Callback.
+
+What happens when (``fit`` only):
+
+* ``setup``: turn every supported layer of ``pl_module.net`` into its quantized class in
+  place (``trainer.quant.modules``). To start from a trained model, give the model
+  ``init_from: CKPT`` (``SegmentationModule``: loads the network, replaying its structural
+  history, e.g. pruning, in ``__init__``, before any callback). This runs before the
+  optimizer is built, so learnable scales are optimized, and after callbacks listed earlier
+  (a pruning callback that prunes in its ``setup``), so whatever the net is by then is what
+  gets quantized. A teacher held by a distillation callback is not part of ``pl_module.net``
+  and is never touched.
+* ``on_fit_start``: record the conversion in the net's structural history (done here, not
+  in ``setup``, because on resume Lightning replays the checkpoint's history *after*
+  ``setup``: a pruned-then-quantized run must then find the pruning first), and calibrate
+  the scales on ``calib_batches`` training batches (skipped when the checkpoint's scales
+  were restored).
+* each epoch start: from ``freeze_bn_epoch`` on, BatchNorm layers run on their running
+  statistics (eval mode) and stop updating them; from ``freeze_ranges_epoch`` on, the
+  scales are fixed (learnable scales get no gradient; otherwise the weight ranges stop
+  following the weights).
+* after each optimizer step (``on_train_batch_end``): without learnable scales and before
+  the ranges freeze, weight scales are reset to the new weights' per-channel max.
+
+Checkpoint: scales live in the net's ``state_dict`` (``<layer>.input_quant.scale``,
+``<layer>.weight_quant.scale``); this callback's ``state_dict`` holds the flags
+(``calibrated``, ``bn_frozen``, ``ranges_frozen``, ``schedule_epoch``); the conversion is in
+``checkpoint["compressseg"]["structure"]``. A resumed run continues bit for bit.
+
+Recipe (``trainer.callbacks``)::
+
+    - class_path: trainer.callbacks.qat.QuantizationAwareTraining
+      init_args: {calibration: percentile, calib_batches: 16, percentile: 99.99,
+                  freeze_bn_epoch: 2, freeze_ranges_epoch: 4}
+    # and under model: init_from: runs/unet2d_phantom/checkpoints/best.ckpt
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from trainer.errors import UserError
+from trainer.quant.calibrate import METHODS, CalibrationReport, calibrate, quant_layers, set_weight_ranges
+from trainer.quant.convert import (
+    ON_UNSUPPORTED, FakeQuantConversion, is_quantized, quantization_entry, quantize_net,
+)
+from trainer.structure import record
+
+STATE_VERSION = 1
+
+
+def _check_epoch(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise UserError(f"QuantizationAwareTraining: {name}={value!r} must be an epoch number >= 0 or null (never)")
+
+
+class QuantizationAwareTraining(pl.Callback):
+    """Int8 QAT of ``pl_module.net``: per-channel weights, per-tensor inputs, zero-point 0.
+
+    Args:
+        calibration: activation range estimator before QAT: ``"max"``, ``"percentile"`` or
+            ``"mse"`` (see ``trainer.quant.calibrate``). Weights always use per-channel max.
+            Default ``"percentile"``.
+        calib_batches: training batches used for calibration. Default 16.
+        percentile: percentile of ``|x|`` for ``calibration="percentile"``, in (0, 100].
+            Default 99.99.
+        histogram_bins: histogram resolution for ``percentile``/``mse``. Default 2048.
+        learnable_scales: learn the scales by gradient (LSQ, with its gradient scale).
+            Default False (activation scales stay at their calibrated value, weight scales
+            follow the weights' max until ``freeze_ranges_epoch``).
+        freeze_bn_epoch: from this epoch on, BatchNorm uses and keeps its running
+            statistics. ``None``: never. Default None.
+        freeze_ranges_epoch: from this epoch on, all scales are fixed. ``None``: never.
+            Default None.
+        skip_modules: module paths of ``net`` kept in float (whole sub-trees), e.g.
+            ``["head"]``. Each must exist. Default none.
+        on_unsupported: a layer with parameters that cannot be quantized: ``"error"``
+            (default) or ``"warn"`` (left in float).
+
+    A net that arrives already quantized (``model.init_from`` a PTQ/QAT checkpoint, or a
+    second ``fit`` in one process) keeps its scales: no conversion, no calibration.
+    """
+
+    def __init__(
+        self,
+        calibration: Literal["max", "percentile", "mse"] = "percentile",
+        calib_batches: int = 16,
+        percentile: float = 99.99,
+        histogram_bins: int = 2048,
+        learnable_scales: bool = False,
+        freeze_bn_epoch: int | None = None,
+        freeze_ranges_epoch: int | None = None,
+        skip_modules: list[str] | None = None,
+        on_unsupported: Literal["error", "warn"] = "error",
+    ):
+        if calibration not in METHODS:
+            raise UserError(f"QuantizationAwareTraining: calibration={calibration!r} must be one of {', '.join(METHODS)}")
+        if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
+            raise UserError(f"QuantizationAwareTraining: calib_batches={calib_batches!r} must be an integer >= 1")
+        if not 0 < float(percentile) <= 100:
+            raise UserError(f"QuantizationAwareTraining: percentile={percentile!r} must be in (0, 100]")
+        if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) or histogram_bins < 16:
+            raise UserError(f"QuantizationAwareTraining: histogram_bins={histogram_bins!r} must be an integer >= 16")
+        _check_epoch("freeze_bn_epoch", freeze_bn_epoch)
+        _check_epoch("freeze_ranges_epoch", freeze_ranges_epoch)
+        if on_unsupported not in ON_UNSUPPORTED:
+            raise UserError(f"QuantizationAwareTraining: on_unsupported={on_unsupported!r} must be one of {', '.join(ON_UNSUPPORTED)}")
+        if skip_modules is not None and (isinstance(skip_modules, str) or not all(isinstance(s, str) for s in skip_modules)):
+            raise UserError(f"QuantizationAwareTraining: skip_modules={skip_modules!r} must be a list of module paths")
+        self.calibration = calibration
+        self.calib_batches = calib_batches
+        self.percentile = float(percentile)
+        self.histogram_bins = histogram_bins
+        self.learnable_scales = bool(learnable_scales)
+        self.freeze_bn_epoch = freeze_bn_epoch
+        self.freeze_ranges_epoch = freeze_ranges_epoch
+        self.skip_modules = list(skip_modules or [])
+        self.on_unsupported = on_unsupported
+        # schedule position and flags: saved in the checkpoint
+        self.calibrated = False
+        self.bn_frozen = False
+        self.ranges_frozen = False
+        self.schedule_epoch = -1
+        self.report: CalibrationReport | None = None
+        self._pending: dict[str, Any] | None = None  # conversion state to record at fit start
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        net = self._net(pl_module)
+        if is_quantized(net):
+            # A second fit in the same process, or model.init_from a quantized (PTQ/QAT)
+            # checkpoint: the scales are already there.
+            self._pending = None
+            self.calibrated = True
+            return
+        self._pending = quantize_net(net, self.skip_modules, self.on_unsupported, self.learnable_scales)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = self._net(pl_module)
+        entry = quantization_entry(net)
+        if entry is None:
+            if self._pending is None:
+                raise UserError("QuantizationAwareTraining: the network was quantized outside this callback "
+                                "without a structural record; quantize through the callback or `launch.py quantize`")
+            record(net, FakeQuantConversion, self._pending)
+        else:
+            self._check_same(entry)
+        if not self.calibrated:
+            self.report = self._calibrate(trainer, pl_module, net)
+            self.calibrated = True
+        self._apply_schedule(trainer.current_epoch, net)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_schedule(trainer.current_epoch, self._net(pl_module))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.bn_frozen:  # Lightning may have put the whole module back in train mode
+            _batchnorm_eval(self._net(pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Runs after the optimizer step: the next forward (and any checkpoint written now)
+        # sees scales that match the updated weights; learnable scales are stored positive.
+        if self.ranges_frozen:
+            return
+        net = self._net(pl_module)
+        if self.learnable_scales:
+            for layer in quant_layers(net).values():
+                layer.input_quant.project_scale()
+                layer.weight_quant.project_scale()
+        else:
+            set_weight_ranges(net)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "calibrated": self.calibrated,
+            "bn_frozen": self.bn_frozen,
+            "ranges_frozen": self.ranges_frozen,
+            "schedule_epoch": self.schedule_epoch,
+            "calibration": self.calibration,
+            "learnable_scales": self.learnable_scales,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != STATE_VERSION:
+            raise UserError(f"QuantizationAwareTraining: checkpoint state version {state_dict.get('version')!r} "
+                            f"is not supported (this code reads {STATE_VERSION})")
+        self.calibrated = bool(state_dict["calibrated"])
+        self.bn_frozen = bool(state_dict["bn_frozen"])
+        self.ranges_frozen = bool(state_dict["ranges_frozen"])
+        self.schedule_epoch = int(state_dict["schedule_epoch"])
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _net(pl_module: pl.LightningModule) -> nn.Module:
+        net = getattr(pl_module, "net", None)
+        if not isinstance(net, nn.Module):
+            raise UserError(f"QuantizationAwareTraining needs a LightningModule with a `net` network; "
+                            f"{type(pl_module).__qualname__} has none")
+        return net
+
+    def _check_same(self, entry: dict[str, Any]) -> None:
+        if entry.get("learnable_scales") != self.learnable_scales:
+            raise UserError(
+                f"QuantizationAwareTraining: the checkpoint was quantized with learnable_scales="
+                f"{entry.get('learnable_scales')} but the callback has learnable_scales={self.learnable_scales}; "
+                "use the same setting"
+            )
+        if self._pending is not None and entry["layers"] != self._pending["layers"]:
+            diff = sorted(set(entry["layers"]) ^ set(self._pending["layers"]))
+            raise UserError(f"QuantizationAwareTraining: the checkpoint quantized a different set of layers "
+                            f"(differs in {diff[:4]}); use the same skip_modules to resume")
+
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, net: nn.Module) -> CalibrationReport:
+        source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        loader = source.train_dataloader()
+        images = (_image(b).to(pl_module.device) for b in itertools.islice(loader, self.calib_batches))
+        report = calibrate(net, images, self.calibration, self.percentile, self.histogram_bins, train_mode=True)
+        if trainer.world_size > 1:  # every rank calibrated on its own batches: use the mean scale
+            for layer in quant_layers(net).values():
+                scale = layer.input_quant.scale
+                with torch.no_grad():
+                    scale.copy_(trainer.strategy.reduce(scale.detach().clone(), reduce_op="mean"))
+        if report.unobserved:
+            rank_zero_warn(f"QuantizationAwareTraining: no calibration batch reached {report.unobserved}; "
+                           "they stay float until a checkpoint gives them scales")
+        rank_zero_info(f"QuantizationAwareTraining: calibrated {len(report.activation_amax)} activation ranges "
+                       f"({self.calibration}) on {report.batches} batches")
+        return report
+
+    def _apply_schedule(self, epoch: int, net: nn.Module) -> None:
+        if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
+            self.bn_frozen = True
+        if self.freeze_ranges_epoch is not None and epoch >= self.freeze_ranges_epoch:
+            self.ranges_frozen = True
+        for layer in quant_layers(net).values():
+            layer.input_quant.frozen = self.ranges_frozen
+            layer.weight_quant.frozen = self.ranges_frozen
+        if self.bn_frozen:
+            _batchnorm_eval(net)
+        self.schedule_epoch = epoch
+
+
+def _batchnorm_eval(net: nn.Module) -> None:
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _image(batch: Any) -> torch.Tensor:
+    if isinstance(batch, Mapping) and "image" in batch:
+        return batch["image"]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, torch.Tensor):
+        return batch
+    raise UserError(f"QuantizationAwareTraining: cannot find the image in a training batch of type "
+                    f"{type(batch).__name__}; batches must be dicts with 'image'")
