@@ -186,3 +186,12 @@ def test_dice_drop_tolerance_is_enforced(tmp_path, perturbed_format, net2d, data
         export_artifact(net2d, perturbed_format, tmp_path / "b", data2d["val"], meta2d, threads=1,
                         tolerance={**loose, "max_dice_drop": 0.01}, format_options=options)
     assert not (tmp_path / "b").exists()
+
+
+def test_class_count_mismatch_is_named(tmp_path, net2d, data2d):
+    from trainer.export import ExportMeta
+
+    meta = ExportMeta(spatial_dims=2, num_classes=4, divisor=4)
+    with pytest.raises(UserError, match=r"UNet outputs 3 channels for input \(1, 1, 32, 32\) but num_classes=4"):
+        export_artifact(net2d, "onnx", tmp_path / "out", data2d["val"], meta)
+    assert list(tmp_path.iterdir()) == []

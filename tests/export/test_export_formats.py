@@ -98,3 +98,22 @@ def test_int8_cpu_rejects_bad_options(tmp_path, net2d, data2d, meta2d, options, 
     with pytest.raises(UserError, match=match):
         export_artifact(net2d, "onnx-int8-cpu", tmp_path / "out", data2d["val"], meta2d, format_options=options)
     assert not (tmp_path / "out").exists()
+
+
+class FakeQuantInput(torch.nn.Module):
+    """A network that already carries quantization (as a QAT checkpoint does)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.fake_quantize_per_tensor_affine(x, 0.05, 0, -128, 127))
+
+
+def test_int8_cpu_refuses_an_already_quantized_network(tmp_path, net2d, data2d, meta2d):
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match="FakeQuantInput already exports Q/DQ nodes .* use --format onnx-qdq"):
+        export_artifact(FakeQuantInput(net2d), "onnx-int8-cpu", tmp_path / "out", data2d["val"], meta2d, threads=1)
+    assert not (tmp_path / "out").exists()

@@ -135,3 +135,13 @@ def test_model_card_fields_and_hashes(tmp_path, net2d, data2d):
         assert card["versions"][lib]
     assert card["created"].endswith("+00:00")
     assert card["verification"]["shape_probe"]["shape"] == [2, 1, 36, 36]
+
+
+def test_sizes_not_divisible_by_the_divisor_are_padded_for_both(tmp_path, net2d, data2d, meta2d):
+    """30x30 slices: predict_logits pads them to 32 for PyTorch and the artifact alike."""
+    val = [{"image": b["image"][..., 1:31, :30], "label": b["label"][..., 1:31, :30]} for b in data2d["val"]]
+    artifact = export_artifact(net2d, "onnx", tmp_path / "out", val, meta2d, threads=1)
+    card = _card(artifact)
+    assert card["input"]["verified_shapes"] == [[2, 1, 36, 36], [4, 1, 32, 32]]  # probe, padded data
+    assert card["verification"]["voxels"] == 8 * 30 * 30
+    assert card["metrics"]["argmax_agreement"] == 1.0

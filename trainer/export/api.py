@@ -205,7 +205,13 @@ def export_artifact(
         UserError: bad arguments, untraceable model, missing runtime (nothing written).
         VerificationError: the artifact did not match PyTorch (nothing kept).
     """
-    fmt = get_format(format, **dict(format_options or {})) if isinstance(format, str) else format
+    if isinstance(format, str):
+        fmt = get_format(format, **dict(format_options or {}))
+    elif format_options:
+        raise UserError(f"format_options are for a format given by name; {format.name!r} is already built")
+    else:
+        fmt = format
+    _tolerance(fmt.tolerance, tolerance)  # bad overrides fail now, not after the build
     out = check_out_dir(out_dir, overwrite)
     fmt.check_available()
     batches = take_batches(val_batches, max_batches)
@@ -219,6 +225,13 @@ def export_artifact(
     model = copy.deepcopy(net).cpu().eval()
     example = _example_input(batches, meta)
     probe = _probe_input(example, meta.divisor)
+    with torch.no_grad():
+        logits = model(example)
+    if isinstance(logits, torch.Tensor) and logits.shape[1] != meta.num_classes:
+        raise UserError(
+            f"{type(net).__name__} outputs {logits.shape[1]} channels for input {tuple(example.shape)} "
+            f"but num_classes={meta.num_classes}"
+        )
 
     staging = _stage_dir(out)
     try:
@@ -245,10 +258,10 @@ def export_artifact(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    mean = card["metrics"]["dice"]
+    dice = card["metrics"]["dice"]
     log.info(
         "exported %s to %s: Dice pytorch %s / artifact %s, max abs diff %.3g",
-        fmt.name, out, mean["pytorch"].get("mean_foreground"), mean["artifact"].get("mean_foreground"),
+        fmt.name, out, dice["pytorch"].get("mean_foreground"), dice["artifact"].get("mean_foreground"),
         report.max_abs_diff,
     )
     return out / result.artifact.name

@@ -221,14 +221,14 @@ class _Comparer:
         rep.logits += diff.numel()
         rep.exceed += int((diff > self.tol.atol * unit).sum())
         flat = int(diff.argmax())
-        worst = float(diff.view(-1)[flat])
+        worst = float(diff.reshape(-1)[flat])
         rep.max_abs_diff = max(rep.max_abs_diff, worst)
         if worst / unit > rep.max_error_units or rep.worst == "none":
             rep.max_error_units = worst / unit
             idx = list(torch.unravel_index(torch.tensor(flat), diff.shape))
             rep.worst = (
                 f"{where} at [{', '.join(str(int(i)) for i in idx)}] (image, class, *voxel): "
-                f"pytorch {float(ref.view(-1)[flat]):.5g} vs artifact {float(out.view(-1)[flat]):.5g}, "
+                f"pytorch {float(ref.reshape(-1)[flat]):.5g} vs artifact {float(out.reshape(-1)[flat]):.5g}, "
                 f"|diff| {worst:.3g} = {worst / unit:.3g} {self.tol.unit} (atol {self.tol.atol:g})"
             )
         return True

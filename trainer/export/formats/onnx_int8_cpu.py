@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from trainer.errors import UserError
 from trainer.export.calibration import ArrayReader, calibration_arrays
-from trainer.export.onnx_tools import INPUT_NAME, node_counts, ort_session, output_quant_step, simplify_onnx
+from trainer.export.onnx_tools import INPUT_NAME, has_quantize_nodes, node_counts, ort_session, output_quant_step, simplify_onnx
 from trainer.export.registry import BuildContext, BuildResult, ExportFormat, register_format
 from trainer.export.verify import Tolerance
 
@@ -97,6 +97,11 @@ class OnnxInt8Cpu(ExportFormat):
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         src, before, _ = ctx.simplified_onnx()
+        if has_quantize_nodes(src):
+            raise UserError(
+                f"onnx-int8-cpu quantizes float networks; {type(ctx.net).__name__} already exports Q/DQ nodes "
+                "(a QAT/PTQ checkpoint): use --format onnx-qdq, or tensorrt"
+            )
         prepared, preprocess = self._preprocess(src, ctx)
         meta = ctx.meta
         arrays = calibration_arrays(
