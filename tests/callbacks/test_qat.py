@@ -217,3 +217,27 @@ def test_structured_pruning_then_qat_in_one_run(tmp_path, teacher_ckpt):
     assert first.weight_quant.scale.shape == (4,)
     export_qdq(run.net, tmp_path / "pq.onnx", torch.randn(1, 1, 32, 32))
     assert check_qdq(tmp_path / "pq.onnx").ok
+
+
+def test_recipe_smoke(tmp_path):
+    """recipes/qat_unet2d.yaml: parses, builds, quantizes, calibrates and trains a few batches.
+
+    Shrunk for the test (data file, sizes, epochs, no init_from: the FP32 checkpoint the
+    recipe starts from is not part of the tests); every key of the recipe is still parsed.
+    """
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[2] / "recipes" / "qat_unet2d.yaml").read_text())
+    recipe["model"]["init_from"] = None
+    recipe["model"]["net"]["init_args"]["base_channels"] = 8
+    trainer = recipe["trainer"]
+    trainer.update(max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                   enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer["callbacks"] = [cb for cb in trainer["callbacks"] if cb["class_path"] == QAT]
+    trainer["callbacks"][0]["init_args"]["calib_batches"] = 2
+    recipe["data"]["init_args"].update(path=str(tmp_path / "phantom2d.h5"), num_workers=0, batch_size=2,
+                                       samples_per_epoch=4, generate={"cases": 3, "shape": [2, 96, 96], "seed": 0})
+    path = tmp_path / "qat_unet2d.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cli = _cli_fit(path)
+    qat = next(cb for cb in cli.trainer.callbacks if isinstance(cb, QuantizationAwareTraining))
+    assert qat.calibrated and qat.calibration == "percentile" and qat.freeze_bn_epoch == 2
+    assert isinstance(cli.model.net.encoders[0][0], QuantLayer)
