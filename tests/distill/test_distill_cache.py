@@ -144,3 +144,23 @@ def test_3d_cache_uses_sliding_window_over_whole_volumes(tmp_path):
     with h5py.File(tmp_path / "c3.h5") as f:
         assert f["cases/case_0000/logits"].shape == (5, 24, 32, 32) and f.attrs["spatial_dims"] == 3
         assert json.loads(f.attrs["roi_size"]) == [16, 16, 16]
+
+
+def test_offline_distillation_in_a_real_fit(tmp_path):
+    """The replay reads the real Trainer's training loader and epoch (2 epochs, 2 batches)."""
+    import lightning.pytorch as pl
+
+    cache, _, _ = _make_cache(tmp_path, aug_affine_prob=0.5)
+    dm = phantom_datamodule(tmp_path, aug_affine_prob=0.5)
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(float(trainer.callback_metrics["train/loss_kd"]))
+
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, num_sanity_val_steps=0,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False, accelerator="cpu",
+                         callbacks=[Distillation(cache=str(cache)), Spy()], default_root_dir=tmp_path)
+    trainer.fit(_student(), datamodule=dm)
+    assert len(seen) == 4 and all(v > 0 for v in seen)
