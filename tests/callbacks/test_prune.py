@@ -180,9 +180,10 @@ def test_distillation_from_the_unpruned_model_during_retraining(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             logged.append(float(trainer.callback_metrics["train/loss_kd"]))
 
-    cb = PruneRetrain(target_ratio=0.5, rounds=2, epochs_per_round=1, init_from=str(teacher))
+    cb = PruneRetrain(target_ratio=0.5, rounds=2, epochs_per_round=1)
     distill = Distillation(teacher=str(teacher), kd_weight=1.0, kd_ds_weight=0.5)
-    _, module = _fit(tmp_path, [cb, distill, LossProbe()], max_epochs=2, module=make_module(tiny_unet(seed=7)))
+    module = make_module(tiny_unet(seed=7), init_from=str(teacher))  # model.init_from: start from the teacher
+    _, module = _fit(tmp_path, [cb, distill, LossProbe()], max_epochs=2, module=module)
     assert conv_out_channels(module.net)["encoders.1.0"] == 8
     assert len(logged) == 4 and all(v > 0 for v in logged)
     # round 1 pruned the teacher's own weights at setup: the student starts close to it
@@ -241,3 +242,39 @@ def test_ddp_two_ranks_prune_identically_and_stay_in_sync(tmp_path, subprocess_e
     # each rank trained on its own shard after pruning: equal weights prove DDP synced the new parameters
     assert ranks[0]["params"] == ranks[1]["params"] and ranks[0]["first"] == ranks[1]["first"]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
+
+
+# ---------------------------------------------------------------------------- recipe
+def test_recipe_smoke(tmp_path):
+    """recipes/prune_unet2d.yaml, every key parsed: model.init_from a (tiny) teacher, three rounds
+    with distillation from it, then restore_run of the result. Shrunk: net width, data, epochs."""
+    import yaml
+
+    from trainer.recipe_cli import run_lightning_cli
+    from trainer.restore import restore_run
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "prune_unet2d.yaml").read_text())
+    net_args = recipe["model"]["net"]["init_args"]
+    net_args.update(base_channels=8, depth=2, ds_levels=1)
+    teacher = framework_checkpoint(tmp_path / "teacher.ckpt", trained_unet(**{"classes": 5, "ds": True}), net_args)
+    recipe["model"]["init_from"] = str(teacher)
+    trainer = recipe["trainer"]
+    trainer.update(max_epochs=4, limit_val_batches=1, num_sanity_val_steps=0, enable_progress_bar=False,
+                   default_root_dir=str(tmp_path))
+    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    trainer["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "checkpoints")
+    prune = trainer["callbacks"][1]["init_args"]
+    prune.update(epochs_per_round=1)
+    trainer["callbacks"][2]["init_args"]["teacher"] = str(teacher)
+    recipe["data"]["init_args"].update(path=str(tmp_path / "phantom2d.h5"), num_workers=0, batch_size=2,
+                                       patch_size=[32, 32], samples_per_epoch=4,
+                                       generate={"cases": 3, "shape": [2, 64, 64], "seed": 0})
+    path = tmp_path / "prune_unet2d.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cli = run_lightning_cli(["fit", "--config", str(path)])
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, PruneRetrain))
+    assert cb.rounds_done == 3 and [r["round"] for r in cb.rows] == [0, 1, 2, 3]
+    assert any(p.name == "prune_rounds.md" for p in tmp_path.rglob("prune_rounds.md"))
+    run = restore_run(tmp_path / "checkpoints" / "last.ckpt", with_data=False)
+    widths = conv_out_channels(run.net)
+    assert widths["encoders.2.0"] == 16 and widths["encoders.1.0"] == 8 and widths["head"] == 5  # round_to 8

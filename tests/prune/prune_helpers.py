@@ -94,7 +94,7 @@ class CrashingNet(UntraceableNet):
         self.mix = nn.Sequential(nn.Conv2d(8, 8, 1), Exploding())
 
 
-def make_module(net: nn.Module, lr: float = 1e-2, scheduler: bool = False) -> SegmentationModule:
+def make_module(net: nn.Module, lr: float = 1e-2, scheduler: bool = False, init_from: str | None = None) -> SegmentationModule:
     def adam(params):
         return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
 
@@ -102,7 +102,7 @@ def make_module(net: nn.Module, lr: float = 1e-2, scheduler: bool = False) -> Se
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6, eta_min=lr / 10)
 
     return SegmentationModule(net, num_classes=net.num_classes, optimizer=adam,
-                              lr_scheduler=cosine if scheduler else None)
+                              lr_scheduler=cosine if scheduler else None, init_from=init_from)
 
 
 def framework_checkpoint(path: Path, net: UNet, net_kwargs: dict) -> Path:

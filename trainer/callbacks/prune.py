@@ -13,9 +13,10 @@ cumulative ratio grows to ``target_ratio`` linearly or by the cubic AGP schedule
 
 When things happen (``fit``):
 
-* ``setup``: load ``init_from`` (fresh runs only), check the strategy and names, and -- for a
-  round scheduled at epoch 0 -- prune already, before the optimizer and DDP exist and before
-  callbacks listed later (QAT, distillation) see the network.
+* ``setup``: check the strategy and names, and -- for a round scheduled at epoch 0 -- prune
+  already, before the optimizer and DDP exist and before callbacks listed later (QAT,
+  distillation) see the network. The starting network is the model's: a trained one comes
+  from ``model.init_from`` (loaded in the module's ``__init__``, so before this ``setup``).
 * ``on_train_epoch_start``: later rounds prune (all ranks identically: weights are equal
   after DDP's all-reduce, Taylor gradients are summed over ranks, and the kept channels are
   compared across ranks), then the DDP wrapper, optimizers and schedulers are rebuilt
@@ -35,13 +36,13 @@ Composition (order in ``trainer.callbacks``): ``PruneRetrain`` first, then
 ``QuantizationAwareTraining`` (it quantizes at fit start, so with QAT in the same run only a
 round at epoch 0 is possible: ``rounds: 1, start_epoch: 0``; for iterative rounds run QAT
 afterwards with ``init_from`` this run's checkpoint), then ``Distillation`` (logit KD from the
-unpruned model: give it ``teacher:`` the same checkpoint as ``init_from``).
+unpruned model: give it ``teacher:`` the same checkpoint as ``model.init_from``).
 
 Recipe::
 
     - class_path: trainer.callbacks.prune.PruneRetrain
-      init_args: {target_ratio: 0.5, rounds: 3, epochs_per_round: 2, importance: l1,
-                  round_to: 8, init_from: runs/unet2d_phantom/checkpoints/best.ckpt}
+      init_args: {target_ratio: 0.5, rounds: 3, epochs_per_round: 2, importance: l1, round_to: 8}
+    # with model.init_from: runs/unet2d_phantom/checkpoints/best.ckpt (the trained network)
 """
 from __future__ import annotations
 
@@ -61,7 +62,6 @@ from torch import nn
 
 from trainer.errors import UserError
 from trainer.prune import sparsity
-from trainer.prune.init_from import load_initial
 from trainer.prune.measure import measure
 from trainer.prune.rebuild import rebuild_optimizers, snapshot
 from trainer.prune.report import write_table
@@ -106,8 +106,6 @@ class PruneRetrain(pl.Callback):
             initial LR (LR rewinding) instead of carrying their state over. Default False.
         example_shape: input shape used to trace the network, e.g. ``[2, 1, 64, 64]``;
             default ``[2, in_channels, 2*divisor, ...]`` from the net.
-        init_from: checkpoint whose network (structure and weights) the run starts from,
-            e.g. a trained teacher. Ignored when resuming. Default None.
         make_permanent: unstructured: fold masks into the weights at the end of fit.
             Default True.
         report_dir: where ``prune_rounds.csv/.md`` go; default the trainer's ``log_dir``.
@@ -129,7 +127,6 @@ class PruneRetrain(pl.Callback):
         taylor_batches: int = 4,
         rewind_lr: bool = False,
         example_shape: list[int] | None = None,
-        init_from: str | None = None,
         make_permanent: bool = True,
         report_dir: str | None = None,
     ):
@@ -159,7 +156,6 @@ class PruneRetrain(pl.Callback):
         self.taylor_batches = taylor_batches
         self.rewind_lr = bool(rewind_lr)
         self.example_shape = list(example_shape) if example_shape else None
-        self.init_from = init_from
         self.make_permanent = bool(make_permanent)
         self.report_dir = report_dir
         # schedule position and results: in the checkpoint
@@ -221,8 +217,6 @@ class PruneRetrain(pl.Callback):
         self._check_strategy(trainer)
         self._check_order(trainer, net)
         resuming = trainer.ckpt_path is not None
-        if self.init_from is not None and not resuming:
-            load_initial(net, self.init_from, "PruneRetrain")
         resolve(net, self.protected, "PruneRetrain.protected")
         resolve(net, list(self.layer_ratios), "PruneRetrain.layer_ratios")
         # A round due at epoch 0 prunes now: before the optimizer, DDP and later callbacks

@@ -6,6 +6,7 @@
 * :mod:`~trainer.prune.schedule` -- rounds and the cubic (AGP) schedule;
 * :mod:`~trainer.prune.measure` -- params, MACs, channels kept;
 * :mod:`~trainer.prune.rebuild` -- DDP wrapper, optimizers and their state after a change;
-* :mod:`~trainer.prune.report` -- the per-round table (CSV, Markdown);
-* :mod:`~trainer.prune.init_from` -- start from a trained checkpoint's network.
+* :mod:`~trainer.prune.report` -- the per-round table (CSV, Markdown).
+
+A run starts from a trained network through the core's ``model.init_from``.
 """
