@@ -75,6 +75,17 @@ def _configure_environment() -> None:
         os.environ["WANDB_MODE"] = "offline"
 
 
+def _catch_requeue_signals() -> None:
+    # Issue 4 (SLURM requeue): inside a SLURM job, note USR1/TERM from the very start, before
+    # torch/Lightning are imported (seconds), so an early signal is not fatal; the
+    # RequeueOnSignal callback acts on it at the first safe point (trainer/callbacks/requeue.py).
+    # requeue_signals is standard library only, so this runs within milliseconds of start.
+    from trainer.requeue_signals import install_signal_handlers, under_slurm_job
+
+    if under_slurm_job():
+        install_signal_handlers()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -82,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     _configure_environment()
     cmd, rest = argv[0], argv[1:]
+    if cmd == "fit":
+        _catch_requeue_signals()
     try:
         if cmd == "test" and not any(a.startswith(("--config", "-c", "--print_config")) for a in rest):
             return _test_suite(rest)
