@@ -72,7 +72,7 @@ def test_resume_restores_adapters_and_refuses_another_teacher(tmp_path, teacher)
     trainer = _trainer(tmp_path, [cb])
     trainer.fit(_student(), datamodule=_data())
     trainer.save_checkpoint(tmp_path / "s.ckpt")
-    saved = cb._adapters["feat_decoders_1"].weight.detach().clone()
+    saved = cb.adapters["feat_decoders_1"].weight.detach().clone()
 
     resumed = Distillation(teacher=str(teacher), features=FEATURES)
     student = _student()

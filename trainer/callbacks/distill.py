@@ -5,12 +5,12 @@ term (weighted by ``model.supervised_weight``). This callback adds, through the
 :class:`trainer.protocols.LossContributor` protocol, one named, weighted term per loss (each
 logged as ``train/loss_<name>``; formulas and papers in :mod:`trainer.distill.losses`):
 
-========  =====================================================================
-``kd``    voxel-wise KL(teacher_T || student_T) * T^2 on full-resolution logits
-``kd_ds`` the same at every lower-resolution deep-supervision output
+==========  ===================================================================
+``kd``      voxel-wise KL(teacher_T || student_T) * T^2 on full-resolution logits
+``kd_ds``   the same at every lower-resolution deep-supervision output
 ``feat_*``  FitNets MSE between a student and a teacher layer (1x1 adapter)
 ``aff_*``   pair-wise affinity distillation (Liu et al. 2019) between two layers
-========  =====================================================================
+==========  ===================================================================
 
 Recipe (maps 1:1 onto the constructor)::
 
@@ -22,8 +22,8 @@ Recipe (maps 1:1 onto the constructor)::
             temperature: 2.0
             kd_weight: 1.0
             kd_ds_weight: 0.5
-            features: [{student: decoders.3, teacher: decoders.3, weight: 0.5}]
-            affinity: [{student: decoders.3, teacher: decoders.3, weight: 1.0}]
+            features: [{student: decoders.1, teacher: decoders.1, weight: 0.5}]
+            affinity: [{student: decoders.3, teacher: decoders.3, weight: 1.0, grid: 16}]
             # cache: runs/teacher2d_logits.h5   # offline: read teacher logits, no teacher
 
 Where things live, and why:
@@ -71,18 +71,16 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from trainer.distill import losses
-from trainer.distill.features import (
-    FeatureTap, detach_from_parent_state, kept_output_channels, make_adapter, resized_adapter,
-)
+from trainer.distill.features import Adapters, FeatureTap
 from trainer.distill.teacher import ENSEMBLE_MODES, TeacherEnsemble, load_teacher, main_output
 from trainer.errors import UserError
 from trainer.structure import history
 
-ADAPTERS_ATTR = "distill_adapters"
+ADAPTERS_ATTR = Adapters.ATTR
 
 
 @dataclass
@@ -223,10 +221,8 @@ class Distillation(pl.Callback):
         self._student_tap: FeatureTap | None = None
         self._teacher_tap: FeatureTap | None = None
         self._structure_seen: int | None = None
-        self._adapters: nn.ModuleDict | None = None
+        self.adapters = Adapters()
         self._trainer: pl.Trainer | None = None
-        self._dims = 2
-        self._channels: dict[str, tuple[int, int]] = {}  # feature term -> (student, teacher) channels
 
     # ------------------------------------------------------------------ properties
     @property
@@ -256,7 +252,10 @@ class Distillation(pl.Callback):
             self._student_tap.attach(net)
             self._teacher_tap = FeatureTap([t.teacher for t in self._layer_terms], "teacher")
             self._teacher_tap.attach(self.teacher.first)
-        self._register_adapters(trainer, pl_module, self._probe(trainer, pl_module))
+        channels = self._probe(trainer, pl_module)
+        if self.features:
+            dims = getattr(net, "spatial_dims", None) or getattr(getattr(trainer, "datamodule", None), "spatial_dims", 2)
+            self.adapters.register(pl_module, dims, {t.name: channels[t.name] for t in self.features})
         self._structure_seen = len(history(net))
 
     def _student(self, pl_module: pl.LightningModule) -> nn.Module:
@@ -336,52 +335,6 @@ class Distillation(pl.Callback):
                             f"{tuple(student.shape)} differ in shape for the same input; are both "
                             "networks of the same spatial_dims and size-preserving?")
 
-    # ------------------------------------------------------------------ adapters
-    def _register_adapters(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           channels: dict[str, tuple[int, int]]) -> None:
-        """Create ``pl_module.distill_adapters`` in ``setup``, before the optimizer and DDP."""
-        if not self.features:
-            return
-        dm = getattr(trainer, "datamodule", None)
-        self._dims = int(getattr(self._student(pl_module), "spatial_dims", None) or getattr(dm, "spatial_dims", 2))
-        adapters = getattr(pl_module, ADAPTERS_ATTR, None)
-        if adapters is None:
-            adapters = detach_from_parent_state(nn.ModuleDict())
-            setattr(pl_module, ADAPTERS_ATTR, adapters)
-        for term in self.features:
-            self._channels[term.name] = channels[term.name]
-            if term.name not in adapters:
-                adapters[term.name] = make_adapter(self._dims, *channels[term.name])
-        self._adapters = adapters.to(pl_module.device)
-
-    def _adapter_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self._adapters is None:
-            return {}
-        return {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in self._adapters.items()}
-
-    def _load_adapter_state(self, saved: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Load saved adapter weights; an adapter whose saved shape differs (the student was
-        pruned before the checkpoint) is rebuilt at that shape, which is only possible
-        before the optimizer exists (Lightning restores callbacks before building it)."""
-        for name, state in saved.items():
-            if self._adapters is None or name not in self._adapters:
-                continue
-            current = self._adapters[name]
-            if "weight" in state and getattr(current, "weight", None) is not None \
-                    and current.weight.shape == state["weight"].shape:
-                current.load_state_dict(state)
-                continue
-            if self._trainer is not None and self._trainer.optimizers:
-                raise UserError(f"Distillation: adapter {name} in the checkpoint has another shape than the student's "
-                                "layer and this strategy restores after building the optimizer; cannot resume it")
-            cout, cin = state["weight"].shape[:2] if "weight" in state else (None, None)
-            device = next(iter(state.values())).device if state else torch.device("cpu")
-            rebuilt = make_adapter(self._dims, cin, cout) if cin is not None else nn.Identity()
-            rebuilt.load_state_dict(state)
-            self._adapters[name] = rebuilt.to(device)
-            if cin is not None:
-                self._channels[name] = (int(cin), int(cout))
-
     # ------------------------------------------------------------------ fit hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.teacher is not None:
@@ -390,6 +343,8 @@ class Distillation(pl.Callback):
             self._student_tap.attach(self._student(pl_module))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.cache is not None:
+            self.cache.prefetch(trainer, batch)  # replays crops while the student runs forward
         if not self._student_tap:
             return
         net = self._student(pl_module)
@@ -406,40 +361,16 @@ class Distillation(pl.Callback):
             self._student_tap.clear()
 
     def _follow_resized_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, image: torch.Tensor) -> None:
-        """After a structural change of the student, resize the adapters of distilled layers
-        whose width changed (channel pruning): kept input columns keep their weights (the
-        pruning plan in the structural history says which), then DDP, optimizers and
-        schedulers are rebuilt with their state carried over (``trainer.prune.rebuild``)."""
+        """After a structural change of the student, measure its distilled layers and resize
+        the adapters of those whose width changed (see :meth:`Adapters.follow`)."""
         net = self._student(pl_module)
         with torch.no_grad(), _eval_mode(net):
             self._student_tap.start()
             net(image)
             feats = self._student_tap.take()
         self._student_tap.stop()
-        plan = {}
-        for term in self.features:
-            adapter = self._adapters[term.name]
-            before = getattr(adapter, "in_channels", None) or self._channels[term.name][0]
-            have, teacher_channels = int(feats[term.student].shape[1]), self._channels[term.name][1]
-            if have == before:
-                continue
-            keep = kept_output_channels(history(net), term.student, before, have)
-            if keep is None:
-                rank_zero_warn(f"Distillation: student layer {term.student!r} changed from {before} to {have} channels "
-                               f"with no pruning plan naming them; adapter {term.name} starts afresh")
-            plan[term.name] = (resized_adapter(adapter, self._dims, keep, have, teacher_channels), before, keep)
-        if not plan:
-            return
-        from trainer.prune.rebuild import rebuild_optimizers, snapshot  # the pruner's own rebuild
-
-        state = snapshot(trainer, pl_module)
-        layers = {}
-        for name, (new, before, keep) in plan.items():
-            self._adapters[name] = new
-            self._channels[name] = (new.in_channels, self._channels[name][1])
-            if keep is not None:
-                layers[f"{ADAPTERS_ATTR}.{name}"] = {"in": {"before": before, "keep": keep}}
-        rebuild_optimizers(trainer, pl_module, state, plan={"layers": layers}, net_prefix="")
+        widths = {t.name: (t.student, int(feats[t.student].shape[1])) for t in self.features}
+        self.adapters.follow(trainer, pl_module, widths, history(net))
 
     # ------------------------------------------------------------------ loss terms
     def loss_terms(self, pl_module: pl.LightningModule, batch: Mapping[str, Any],
@@ -485,10 +416,9 @@ class Distillation(pl.Callback):
             terms["kd"] = self.kd_weight * losses.logit_kd(outs[0], target, T, mask)
         if self.kd_ds_weight > 0 and len(outs) > 1:
             terms["kd_ds"] = self.kd_ds_weight * losses.deep_supervision_kd(outs, t_logits, T, self.ds_weights, mask)
-        adapters = getattr(pl_module, ADAPTERS_ATTR, {})
         for term in self.features:
             student = s_feats[term.student].float()
-            adapter = adapters[term.name]
+            adapter = self.adapters[term.name]
             if isinstance(adapter, nn.Conv2d | nn.Conv3d) and student.shape[1] != adapter.in_channels:
                 raise UserError(f"Distillation: student layer {term.student!r} has {student.shape[1]} channels but "
                                 f"its adapter expects {adapter.in_channels}; did a technique resize it?")
@@ -508,7 +438,7 @@ class Distillation(pl.Callback):
             "temperature": self.temperature,
             "features": [asdict(t) for t in self.features],
             "affinity": [asdict(t) for t in self.affinity],
-            "adapters": self._adapter_state(),
+            "adapters": self.adapters.state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -521,9 +451,11 @@ class Distillation(pl.Callback):
                 f"{[(t.get('path'), t.get('sha256', '')[:12]) for t in state_dict['teachers']]} but this run loads "
                 f"{[(t['path'], t['sha256'][:12]) for t in self.teacher_infos]}; resume with the same teacher files"
             )
-        self._load_adapter_state(state_dict.get("adapters") or {})
+        self.adapters.load(state_dict.get("adapters") or {}, bool(self._trainer and self._trainer.optimizers))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         for tap in (self._student_tap, self._teacher_tap):
             if tap:
                 tap.stop()
+        if self.cache is not None:
+            self.cache.close()

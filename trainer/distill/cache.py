@@ -41,6 +41,7 @@ import json
 import os
 import sys
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -107,6 +108,8 @@ class TeacherCache:
         self.num_classes, self.spatial_dims = int(attrs["num_classes"]), int(attrs["spatial_dims"])
         self._replay: PatchReplay | None = None
         self._replay_source: int | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: tuple[torch.Tensor, Future] | None = None
 
     @classmethod
     def open_for_training(cls, path: str, datamodule: Any, teacher_paths: Sequence[str], temperature: float,
@@ -146,10 +149,31 @@ class TeacherCache:
         return {"path": self.path, "dataset": dict(self.dataset), "ensemble": self.ensemble,
                 "temperature": self.temperature}
 
+    def prefetch(self, trainer: Any, batch: Mapping[str, Any]) -> None:
+        """Start :meth:`batch_logits` for ``batch`` in a background thread (the replay is
+        mostly Python and file reads; it overlaps the student's forward pass, whose torch
+        kernels release the GIL). :meth:`batch_logits` collects it."""
+        if "teacher_logits" in batch:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-replay")
+        self._pending = (batch["index"], self._executor.submit(self._replay_batch, trainer, batch))
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._executor, self._pending = None, None
+
     def batch_logits(self, trainer: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher logits ``[B, K, *S]`` (float32) aligned with ``batch``, and the valid mask."""
         if "teacher_logits" in batch:
             return batch["teacher_logits"].float(), batch.get("teacher_mask")
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is batch["index"]:
+            return pending[1].result()
+        return self._replay_batch(trainer, batch)
+
+    def _replay_batch(self, trainer: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         replay = self._replay_for(trainer)
         epoch = int(trainer.current_epoch)
         logits, masks = [], []
@@ -177,9 +201,9 @@ class _LogitsWithValid:
     """Array-like ``[K+1, D, H, W]`` float32: the cached fp16 logits of one case plus a channel
     of ones, read region by region (only what a patch needs is read from the file)."""
 
-    def __init__(self, dset: h5py.Dataset):
-        self._dset = dset
-        self.shape = (dset.shape[0] + 1, *dset.shape[1:])
+    def __init__(self, array):
+        self._array = array
+        self.shape = (array.shape[0] + 1, *array.shape[1:])
         self.dtype = np.dtype(np.float32)
         self.ndim = len(self.shape)
 
@@ -187,8 +211,20 @@ class _LogitsWithValid:
         index = index if isinstance(index, tuple) else (index,)
         if not index or index[0] is not Ellipsis or len(index) != self.ndim:
             raise TypeError(f"cached logits support array[..., d, h, w] reads only, got {index!r}")
-        logits = np.asarray(self._dset[(slice(None), *index[1:])], dtype=np.float32)
-        return np.concatenate([logits, np.ones((1, *logits.shape[1:]), np.float32)])
+        region = self._array[(slice(None), *index[1:])]
+        out = np.empty((self.shape[0], *region.shape[1:]), np.float32)
+        out[:-1] = region
+        out[-1] = 1.0
+        return out
+
+
+def _open_array(dset: h5py.Dataset, path: str):
+    """A read-only memory map of a contiguous, uncompressed dataset (a patch read is then a
+    memory copy, as the datamodule reads its cases), else the h5py dataset itself."""
+    offset = dset.id.get_offset() if dset.chunks is None and dset.compression is None else None
+    if offset is None:
+        return dset
+    return np.memmap(path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape)
 
 
 class CachedLogitsStore:
@@ -198,34 +234,37 @@ class CachedLogitsStore:
     def __init__(self, cache: TeacherCache, source: Any):
         self.cache, self.source, self.header = cache, source, source.header
         self._file: h5py.File | None = None
+        self._arrays: dict[str, Any] = {}
         self._pid: int | None = None
 
     @property
     def cases(self):
         return self.source.cases
 
-    def _h5(self) -> h5py.File:
+    def _array(self, case_id: str):
         if self._pid != os.getpid():  # never use a handle inherited through fork
-            self._file, self._pid = h5py.File(self.cache.path, "r"), os.getpid()
-        return self._file
+            self._file, self._arrays, self._pid = h5py.File(self.cache.path, "r"), {}, os.getpid()
+        if case_id not in self._arrays:
+            group = self._file.get(f"cases/{case_id}")
+            if group is None:
+                raise UserError(f"teacher cache {self.cache.path} has no case {case_id!r}; rebuild it with "
+                                "`launch.py distill-cache --cases all`")
+            self._arrays[case_id] = _open_array(group["logits"], self.cache.path)
+        return self._arrays[case_id]
 
     def image(self, i: int) -> _LogitsWithValid:
         case_id = self.source.cases[i].case_id
-        group = self._h5().get(f"cases/{case_id}")
-        if group is None:
-            raise UserError(f"teacher cache {self.cache.path} has no case {case_id!r}; rebuild it with "
-                            "`launch.py distill-cache --cases all`")
-        dset = group["logits"]
-        if tuple(dset.shape[1:]) != tuple(self.source.cases[i].spatial_shape):
-            raise UserError(f"teacher cache {self.cache.path}: case {case_id!r} logits {dset.shape} do not match "
+        array = self._array(case_id)
+        if tuple(array.shape[1:]) != tuple(self.source.cases[i].spatial_shape):
+            raise UserError(f"teacher cache {self.cache.path}: case {case_id!r} logits {array.shape} do not match "
                             f"the case's shape {self.source.cases[i].spatial_shape}")
-        return _LogitsWithValid(dset)
+        return _LogitsWithValid(array)
 
     def label(self, i: int):
         return self.source.label(i)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_file": None, "_pid": None}
+        return {**self.__dict__, "_file": None, "_arrays": {}, "_pid": None}
 
 
 class PatchReplay:

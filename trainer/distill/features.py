@@ -15,6 +15,7 @@ another callback's ``setup``, ``on_fit_start`` or ``on_train_epoch_start`` -- is
 from __future__ import annotations
 
 import difflib
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -222,3 +223,94 @@ def resized_adapter(adapter: nn.Module, spatial_dims: int, keep: list[int] | Non
 
 def _device_of(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+class Adapters:
+    """The trainable FitNets adapters of one run, one per feature term (by term name).
+
+    They live on the LightningModule as ``pl_module.distill_adapters`` (an ``nn.ModuleDict``
+    hidden from its state dict, see :func:`detach_from_parent_state`), so Lightning's
+    optimizer and DDP wrapper include them; their weights travel in the distillation
+    callback's checkpoint section (:meth:`state` / :meth:`load`).
+    """
+
+    ATTR = "distill_adapters"
+
+    def __init__(self) -> None:
+        self.modules: nn.ModuleDict | None = None
+        self.channels: dict[str, tuple[int, int]] = {}  # term name -> (student, teacher) channels
+        self.dims = 2
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self.modules[name]
+
+    def register(self, pl_module: nn.Module, spatial_dims: int, channels: dict[str, tuple[int, int]]) -> None:
+        """Create the adapters on ``pl_module`` (call before the optimizer exists)."""
+        self.dims = int(spatial_dims)
+        modules = getattr(pl_module, self.ATTR, None)
+        if modules is None:
+            modules = detach_from_parent_state(nn.ModuleDict())
+            setattr(pl_module, self.ATTR, modules)
+        for name, (cin, cout) in channels.items():
+            self.channels[name] = (int(cin), int(cout))
+            if name not in modules:
+                modules[name] = make_adapter(self.dims, cin, cout)
+        self.modules = modules.to(_device_of(pl_module))
+
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.modules is None:
+            return {}
+        return {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in self.modules.items()}
+
+    def load(self, saved: dict[str, dict[str, torch.Tensor]], optimizer_exists: bool) -> None:
+        """Load saved weights; an adapter saved at another shape (its student layer was pruned
+        before the checkpoint) is rebuilt at that shape, only possible before the optimizer
+        exists (Lightning restores callbacks before building it, except DeepSpeed)."""
+        for name, state in saved.items():
+            if self.modules is None or name not in self.modules:
+                continue
+            current = self.modules[name]
+            weight = state.get("weight")
+            if weight is not None and getattr(current, "weight", None) is not None and current.weight.shape == weight.shape:
+                current.load_state_dict(state)
+                continue
+            if optimizer_exists:
+                raise UserError(f"Distillation: adapter {name} in the checkpoint has another shape than the student's "
+                                "layer and this strategy restores after building the optimizer; cannot resume it")
+            if weight is None:
+                self.modules[name] = nn.Identity()
+                continue
+            cout, cin = int(weight.shape[0]), int(weight.shape[1])
+            rebuilt = make_adapter(self.dims, cin, cout)
+            rebuilt.load_state_dict(state)
+            self.modules[name] = rebuilt.to(weight.device)
+            self.channels[name] = (cin, cout)
+
+    def follow(self, trainer, pl_module: nn.Module, widths: dict[str, tuple[str, int]], structure: list[dict]) -> None:
+        """Resize the adapters whose student layer changed width (``widths``: term name ->
+        (student path, channels now)) after channel pruning mid-fit. Kept input columns keep
+        their weights (the pruning plan in ``structure`` says which); then DDP, optimizers and
+        schedulers are rebuilt with their state carried over by the pruner's own
+        ``trainer.prune.rebuild``."""
+        changed = {}
+        for name, (path, have) in widths.items():
+            before, teacher_channels = self.channels[name]
+            if have == before:
+                continue
+            keep = kept_output_channels(structure, path, before, have)
+            if keep is None:
+                warnings.warn(f"Distillation: student layer {path!r} changed from {before} to {have} channels with no "
+                              f"pruning plan naming them; adapter {name} starts afresh", stacklevel=2)
+            changed[name] = (resized_adapter(self.modules[name], self.dims, keep, have, teacher_channels), before, keep)
+        if not changed:
+            return
+        from trainer.prune.rebuild import rebuild_optimizers, snapshot
+
+        before_state = snapshot(trainer, pl_module)
+        layers = {}
+        for name, (new, before, keep) in changed.items():
+            self.modules[name] = new
+            self.channels[name] = (new.in_channels, self.channels[name][1])
+            if keep is not None:
+                layers[f"{self.ATTR}.{name}"] = {"in": {"before": before, "keep": keep}}
+        rebuild_optimizers(trainer, pl_module, before_state, plan={"layers": layers}, net_prefix="")
