@@ -67,6 +67,23 @@ def test_lsq_per_channel_scale_gradient_and_grad_factor():
     assert lsq_grad_factor(9) == pytest.approx(1 / math.sqrt(9 * 127))
 
 
+@pytest.mark.parametrize("scale", [0.01, 0.0231, 0.00371, 1 / 3])
+def test_cpu_tensor_op_path_is_bitwise_torch_fake_quantize(scale):
+    # the fixed-scale CPU path (faster) must give exactly torch's fake-quantize numbers and STE
+    x = (torch.randn(200_000, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    s = torch.tensor(scale)
+    out = fake_quant_per_tensor(x, s)
+    ref = torch.fake_quantize_per_tensor_affine(ref_x, s, torch.tensor(0, dtype=torch.int32), ACT_QMIN, QMAX)
+    out.sum().backward()
+    ref.sum().backward()
+    assert torch.equal(out, ref) and torch.equal(x.grad, ref_x.grad)
+    w = torch.randn(16, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    ws = w.abs().amax((0, 2, 3)) / 127 * scale * 50  # axis 1, some weights clip
+    ref_w = torch.fake_quantize_per_channel_affine(w, ws, torch.zeros(3, dtype=torch.int32), 1, WEIGHT_QMIN, QMAX)
+    assert torch.equal(fake_quant_per_channel(w, ws, axis=1), ref_w)
+
+
 def test_quantizer_passes_through_until_calibrated_and_learns_its_scale():
     q = TensorQuantizer("input", learnable=True)
     x = torch.tensor([0.3, -0.6, 1.3])

@@ -54,6 +54,33 @@ def lsq_grad_factor(elements_per_scale: int) -> float:
     return 1.0 / math.sqrt(max(1, elements_per_scale) * QMAX)
 
 
+class _FixedScaleFakeQuant(torch.autograd.Function):
+    """``clamp(round(x / s), qmin, qmax) * s`` with the straight-through gradient, as tensor ops.
+
+    The same numbers as torch's fake-quantize ops with zero-point 0 (it multiplies by the
+    float32 reciprocal ``1 / s`` and rounds half to even exactly like them; checked bitwise in
+    ``tests/quant/test_fake_quant.py``). Used for fixed scales on CPU only: torch's CPU kernel
+    of these ops is scalar, measured ~5x slower than this on a [8, 16, 96, 96] activation,
+    which by itself made a QAT step ~1.4x an FP32 step. CUDA and ONNX export use torch's op.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        q = torch.mul(x, torch.reciprocal(scale)).round_()
+        mask = q.ge(qmin).logical_and_(q.le(qmax))
+        ctx.save_for_backward(mask)
+        return q.clamp_(qmin, qmax).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None
+
+
+def _use_tensor_ops(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()
+
+
 def fake_quant_per_tensor(
     x: torch.Tensor, scale: torch.Tensor, qmin: int = ACT_QMIN, grad_factor: float | None = None
 ) -> torch.Tensor:
@@ -68,6 +95,8 @@ def fake_quant_per_tensor(
     if grad_factor is not None:
         zero = torch.zeros(1, device=x.device)
         out = torch._fake_quantize_learnable_per_tensor_affine(x, scale.reshape(1), zero, qmin, QMAX, grad_factor)
+    elif _use_tensor_ops(x):
+        out = _FixedScaleFakeQuant.apply(x, scale.detach().float(), qmin, QMAX)
     else:
         zero = torch.zeros((), dtype=torch.int32, device=x.device)
         out = torch.fake_quantize_per_tensor_affine(x, scale.detach(), zero, qmin, QMAX)
@@ -84,6 +113,10 @@ def fake_quant_per_channel(
     if grad_factor is not None:
         zero = torch.zeros_like(scale, dtype=torch.float32)
         out = torch._fake_quantize_learnable_per_channel_affine(w, scale, zero, axis, qmin, QMAX, grad_factor)
+    elif _use_tensor_ops(w):
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        out = _FixedScaleFakeQuant.apply(w, scale.detach().float().reshape(shape), qmin, QMAX)
     else:
         zero = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
         out = torch.fake_quantize_per_channel_affine(w, scale.detach(), zero, axis, qmin, QMAX)
