@@ -11,8 +11,8 @@ The numbers (TensorRT's explicit-quantization convention, which ONNX QDQ carries
 
 Gradients:
 
-* straight-through estimator: ``d x_hat / d x = 1`` where ``qmin <= x / s <= 127`` and 0
-  outside the clip range (torch's fake-quantize backward);
+* straight-through estimator: ``d x_hat / d x = 1`` where ``qmin <= round(x / s) <= 127``
+  and 0 outside the clip range (torch's fake-quantize backward);
 * learnable scales (LSQ, Esser et al., "Learned Step Size Quantization", ICLR 2020):
   ``d x_hat / d s = round(x / s) - x / s`` inside the range, ``qmin`` or ``127`` outside,
   multiplied by the gradient scale ``g = 1 / sqrt(N * 127)`` where ``N`` is the number of
@@ -21,8 +21,13 @@ Gradients:
 
 A :class:`TensorQuantizer` holds one tensor's scale (a buffer, or a parameter when learnable)
 and switches between three behaviours: pass-through until calibrated, observing during
-calibration, fake-quantizing afterwards. During ONNX export it uses the plain fake-quantize
-ops, which the exporter writes as QuantizeLinear/DequantizeLinear pairs.
+calibration, fake-quantizing afterwards.
+
+Which op computes it: torch's ``fake_quantize_per_{tensor,channel}_affine`` on CUDA and during
+ONNX export (the exporter writes them as QuantizeLinear/DequantizeLinear pairs), torch's
+``_fake_quantize_learnable_*`` for learnable scales, and on CPU with fixed scales the same
+formula as a few vectorised tensor ops (bitwise equal to torch's op, see
+``_FixedScaleFakeQuant``), because torch's CPU kernel is scalar and slow.
 """
 from __future__ import annotations
 
