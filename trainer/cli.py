@@ -65,6 +65,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "pipeline": _lazy("trainer.pipeline"),
     "report": _lazy("trainer.report"),
     "distill-cache": _lazy("trainer.distill.cache"),
+    "quantize": _lazy("trainer.quant.ptq"),  # post-training quantization of a checkpoint (issue 7)
 }
 
 

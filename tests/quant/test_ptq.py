@@ -38,7 +38,9 @@ def test_quantize_command_writes_a_checkpoint_that_restores_and_exports(tmp_path
 
     ckpt = _fp32_checkpoint(tmp_path)
     out = tmp_path / "ptq.ckpt"
-    assert ptq.main(["--ckpt", str(ckpt), "--calibration", "mse", "--batches", "2", "--out", str(out)]) == 0
+    from trainer.cli import main as launch  # `python launch.py quantize ...`
+
+    assert launch(["quantize", "--ckpt", str(ckpt), "--calibration", "mse", "--batches", "2", "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
 
     saved = torch.load(out, weights_only=True)
