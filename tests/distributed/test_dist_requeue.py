@@ -1,0 +1,95 @@
+"""Checkpoint-and-requeue on USR1/SIGTERM without a cluster: a fake ``scontrol`` on PATH
+records what it was asked, ``SLURM_JOB_ID`` makes ``launch.py fit`` install the handler.
+
+(The real thing, on a local two-node SLURM cluster, is in tests/slurm/.)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import scale_kit as kit
+
+CONFIG = dict(devices=1, precision="32-true", accumulate=2, max_steps=10)
+
+
+def fake_slurm_env(tmp_path: Path) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    record = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = kit.env_with_kit(SLURM_JOB_ID="4242", SLURM_JOB_NAME="scale-test")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def start_fit(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(kit.ROOT / "launch.py"), *args], cwd=kit.ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kit.kill_group(proc.pid)
+        out, _ = proc.communicate()
+        raise AssertionError(f"fit did not finish:\n{out[-3000:]}")
+    finally:
+        kit.kill_group(proc.pid)
+    return out
+
+
+@pytest.mark.slow
+def test_signal_before_training_requeues_without_dying(tmp_path):
+    run = tmp_path / "run"
+    recipe = kit.write_recipe(run / "recipe.yaml", kit.recipe(run, **CONFIG))
+    proc = start_fit(["fit", "--config", str(recipe)], fake_slurm_env(tmp_path))
+    time.sleep(1.0)  # launch.py is still importing torch/Lightning: long before training starts
+    os.kill(proc.pid, signal.SIGUSR1)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+    assert "arrived before training" in out
+    assert not list((run / "checkpoints").glob("step=*.ckpt")), "trained although a requeue signal was pending"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_training_saves_requeues_and_resumes_exactly(tmp_path):
+    ref = tmp_path / "ref"
+    kit.write_recipe(ref / "recipe.yaml", kit.recipe(ref, **CONFIG))
+    kit.launch(["fit", "--config", str(ref / "recipe.yaml")], kit.env_with_kit())
+
+    run = tmp_path / "run"
+    marker = tmp_path / "paused"
+    pause = {"class_path": "scale_kit.PauseAt", "init_args": {"step": 4, "marker": str(marker)}}
+    recipe = kit.write_recipe(run / "recipe.yaml", kit.recipe(run, callbacks=[pause], **CONFIG))
+    env = fake_slurm_env(tmp_path)
+    proc = start_fit(["fit", "--config", str(recipe)], env)
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, finish(proc)[-3000:]
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)  # what SLURM sends on preemption
+    out = finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+    requeue_ckpt = run / "checkpoints" / "requeue.ckpt"
+    assert requeue_ckpt.is_file(), out[-3000:]
+    import torch
+
+    assert torch.load(requeue_ckpt, weights_only=True)["global_step"] == 4
+    steps = sorted(int(p.stem.split("=")[1]) for p in (run / "checkpoints").glob("step=*.ckpt"))
+    assert steps[-1] == 4, f"training went on after the signal: {steps}"
+
+    # the restarted job: what the sbatch template runs when SLURM_RESTART_COUNT > 0
+    resumed = kit.launch(["fit", "--config", str(recipe), "--ckpt_path", "last-or-fresh"],
+                         kit.env_with_kit(SCALE_KIT_ATTEMPT="1"))
+    assert "resuming from" in resumed.stdout
+    kit.assert_bitwise_equal(kit.final_weights(ref), kit.final_weights(run), "requeued run")
