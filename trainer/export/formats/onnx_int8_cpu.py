@@ -118,7 +118,9 @@ class OnnxInt8Cpu(ExportFormat):
             weight_type=QuantType.QInt8,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                               "percentile": CalibrationMethod.Percentile}[self.calibration_method],
-            extra_options={"CalibMaxIntermediateOutputs": 8},  # bounds calibration memory on 3D
+            # No CalibMaxIntermediateOutputs: onnxruntime 1.32's MinMax calibrator *discards*
+            # each full chunk without reducing it, and raises "No data is collected" when the
+            # number of calibration arrays is a multiple of the chunk size.
         )
         artifact = ctx.out_dir / self.filename
         _, after = simplify_onnx(quantized, artifact)
