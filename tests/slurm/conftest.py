@@ -1,0 +1,39 @@
+"""The local SLURM cluster (session-scoped): slurm/localcluster.py, started once, stopped after.
+
+Skips with a reason where Slurm cannot be had (not root and not installed, no apt, apt
+unreachable); on CI (``CI=true``) as root it must start, so failing to is a test failure.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_localcluster():
+    spec = importlib.util.spec_from_file_location("compressseg_localcluster", ROOT / "slurm" / "localcluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    localcluster = load_localcluster()
+    must_run = os.environ.get("CI", "").lower() == "true" and os.geteuid() == 0
+    root = tmp_path_factory.mktemp("slurm_cluster")
+    reason = localcluster.ensure_installed(log=root / "apt.log")
+    if reason:
+        (pytest.fail if must_run else pytest.skip)(f"no local SLURM cluster: {reason}")
+    cluster = localcluster.LocalCluster(root)
+    try:
+        cluster.start()
+    except Exception as exc:  # noqa: BLE001 - any start failure means: no cluster here
+        cluster.stop()
+        (pytest.fail if must_run else pytest.skip)(f"local SLURM cluster did not start: {exc}")
+    yield cluster
+    cluster.stop()
