@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from typing import Literal
 
 import lightning.pytorch as L
@@ -280,8 +281,10 @@ class SegDataModule(L.LightningDataModule):
             dataset = PatchDataset(self.store, cases, [self.case_labels[i] for i in cases], self.patch_size, n,
                                    self.seed, self.fg_oversample, self.augment_config)
             sampler = EpochSampler(n, rank=rank, world_size=world_size, seed=self.seed, epoch=epoch, shuffle=True, what=where)
-            return StatefulDataLoader(dataset, sampler=sampler, batch_size=self.batch_size, collate_fn=collate,
-                                      **self._loader_kwargs())
+            with warnings.catch_warnings():  # torchdata 0.11 calls the deprecated torch.set_vital
+                warnings.filterwarnings("ignore", message=".*set_vital.*")
+                return StatefulDataLoader(dataset, sampler=sampler, batch_size=self.batch_size, collate_fn=collate,
+                                          **self._loader_kwargs())
         dataset = EvalDataset(self.store, cases, self.spatial_dims, self.pad_multiple if self.spatial_dims == 2 else 1)
         if len(dataset) == 0:
             raise UserError(f"{where} has no cases; set val_fraction/test_fraction or val_cases/test_cases")

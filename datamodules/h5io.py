@@ -116,10 +116,49 @@ def write_h5(
     return count
 
 
+_MAGIC = b"\x89HDF\r\n\x1a\n"
+_SWMR_WRITE_FLAG = 0x04  # superblock v3 consistency flag: a SWMR writer has the file open
+
+
+def _superblock_end(path: str) -> int | None:
+    """The end-of-file address the superblock records (absolute), or None if a SWMR writer is
+    active or the superblock is not understood. Parsed by hand because a SWMR reader skips
+    HDF5's own truncation check and then retries unreadable metadata indefinitely."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        base = 0
+        while base < size:
+            f.seek(base)
+            block = f.read(64)
+            if block[:8] == _MAGIC:
+                break
+            base = 512 if base == 0 else base * 2
+        else:
+            return None
+    version = block[8]
+    if version in (0, 1):
+        so, flags = block[13], int.from_bytes(block[20:24], "little")
+        start = 24 if version == 0 else 28
+    elif version in (2, 3):
+        so, flags, start = block[9], block[11], 12
+    else:
+        return None
+    if so not in (2, 4, 8) or version == 3 and flags & _SWMR_WRITE_FLAG:
+        return None
+    base_addr = int.from_bytes(block[start : start + so], "little")
+    eof = int.from_bytes(block[start + 2 * so : start + 3 * so], "little")
+    if eof == (1 << (8 * so)) - 1:  # undefined address
+        return None
+    return base_addr + eof
+
+
 def open_h5(path: str, **kwargs) -> h5py.File:
     """Open read-only with SWMR; a missing, truncated or non-HDF5 file is a ``UserError``."""
     if not os.path.isfile(path):
         raise UserError(f"data file {path} does not exist; create it with `launch.py data generate` or `data convert`")
+    end, size = _superblock_end(path), os.path.getsize(path)
+    if end is not None and end > size:
+        raise UserError(f"{path}: the file is truncated ({size} bytes, its header says {end}); regenerate or reconvert it")
     try:
         return h5py.File(path, "r", swmr=True, **kwargs)
     except OSError as e:

@@ -95,7 +95,7 @@ def check_class_metadata(num_classes, class_names, where: str) -> tuple[int, lis
 def check_spacing(spacing, where: str) -> tuple[float, float, float]:
     arr = np.asarray(spacing, dtype=np.float64).reshape(-1)
     if arr.shape != (3,) or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise UserError(f"{where}: spacing={list(np.asarray(spacing).reshape(-1))} must be 3 positive floats (z y x, mm)")
+        raise UserError(f"{where}: spacing={np.asarray(spacing).reshape(-1).tolist()} must be 3 positive floats (z y x, mm)")
     return (float(arr[0]), float(arr[1]), float(arr[2]))
 
 

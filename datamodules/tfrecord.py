@@ -157,10 +157,11 @@ def check_index(index: np.ndarray, index_path: str, path: str) -> None:
         for number, (offset, length) in enumerate(index.tolist()):
             f.seek(offset)
             head = f.read(8)
-            if len(head) < 8 or struct.unpack("<Q", head)[0] + 16 != length or offset + length > size:
-                if offset + length > size or len(head) < 8:
-                    raise UserError(f"{path}: record {number} is truncated (index {index_path} says it ends at byte "
-                                    f"{offset + length}, the file has {size}); the file is incomplete, rewrite it")
+            declared = struct.unpack("<Q", head)[0] + 16 if len(head) == 8 else None
+            if declared is None or offset + declared > size:
+                raise UserError(f"{path}: record {number} is truncated (it needs bytes up to "
+                                f"{offset + (declared or 8)}, the file has {size}); the file is incomplete, rewrite it")
+            if declared != length:
                 raise _index_mismatch(index_path, path, f"record {number} length differs")
     if end != size:
         raise _index_mismatch(index_path, path, f"the index covers {end} bytes, the file has {size}")
@@ -302,7 +303,9 @@ def iter_tfrecord_cases(files: list[str], indexes: list[np.ndarray] | None = Non
         for number, offset, payload in iter_records(path):
             if indexes is not None:
                 index = indexes[k]
-                if number >= len(index) or index[number, 0] != offset or index[number, 1] != len(payload) + 16:
+                if number >= len(index):
+                    raise _index_mismatch(index_path_for(path), path, f"the file has more records than the {len(index)} the index lists")
+                if index[number, 0] != offset or index[number, 1] != len(payload) + 16:
                     raise _index_mismatch(index_path_for(path), path, f"record {number} is not where the index says")
             case = decode_case(payload, path, number)
             meta = (case["num_classes"], case["class_names"], case["image_shape"][0])

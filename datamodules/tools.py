@@ -1,0 +1,258 @@
+"""``launch.py data ...``: generate phantoms, convert folders of cases, inspect data files.
+
+    python launch.py data generate --out data/phantom2d.h5 --dims 2
+    python launch.py data generate --out data/phantom3d.tfrecord.gz --dims 3 --cases 24
+    python launch.py data convert cases/ --out data/mine.h5 --num-classes 3
+    python launch.py data inspect data/phantom2d.h5
+
+:func:`main` returns the exit status: 0 on success, 2 after printing ``error: <message>``
+for a :class:`~trainer.errors.UserError` (bad input), like ``launch.py`` does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from datamodules import phantom
+from datamodules.schema import H5_FORMAT, TFRECORD_FORMAT
+from trainer.errors import UserError
+
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def output_format(path: str, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    name = path.lower()
+    if name.endswith((".h5", ".hdf5")):
+        return "h5"
+    if name.endswith((".tfrecord", ".tfrecords", ".tfrec", ".tfrecord.gz", ".tfrecords.gz", ".tfrec.gz")):
+        return "tfrecord"
+    raise UserError(f"cannot tell the output format of {path}; use a .h5 or .tfrecord[.gz] name or --format")
+
+
+def write_cases(path: str, cases, *, fmt: str, num_classes: int, class_names: list[str], compression: str | None) -> int:
+    if fmt == "h5":
+        from datamodules.h5io import write_h5
+
+        return write_h5(path, cases, num_classes=num_classes, class_names=class_names, compression=compression)
+    from datamodules.tfrecord import write_tfrecord
+
+    if compression not in (None, "gzip"):
+        raise UserError(f"{path}: TFRecord supports --compression none or gzip, not {compression}")
+    if path.endswith(".gz"):
+        compression = "gzip"
+    return write_tfrecord(path, cases, num_classes=num_classes, class_names=class_names, compression=compression)
+
+
+def _progress(iterable, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="case", file=sys.stderr, disable=None)
+
+
+# -- generate ----------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    fmt = output_format(args.out, args.format)
+    if os.path.exists(args.out) and not args.force:
+        raise UserError(f"{args.out} exists; pass --force to overwrite it")
+    defaults = phantom.DEFAULTS_2D if args.dims == 2 else phantom.DEFAULTS_3D
+    shape = tuple(args.shape or defaults["shape"])
+    cases = args.cases or defaults["cases"]
+    try:
+        names = phantom.class_names(args.num_classes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    stream = phantom.iter_phantom_cases(cases=cases, shape=shape, num_classes=args.num_classes, seed=args.seed,
+                                        in_channels=args.channels)
+    compression = None if args.compression == "none" else args.compression
+    n = write_cases(args.out, _progress(stream, cases, "generate"), fmt=fmt, num_classes=args.num_classes,
+                    class_names=names, compression=compression)
+    print(f"wrote {n} phantom cases of shape {list(shape)} to {args.out}")
+    return 0
+
+
+# -- convert -----------------------------------------------------------------------------------
+def cmd_convert(args) -> int:
+    from datamodules.convert import find_cases, iter_folder_cases
+
+    fmt = output_format(args.out, args.format)
+    if os.path.exists(args.out) and not args.force:
+        raise UserError(f"{args.out} exists; pass --force to overwrite it")
+    count = len(find_cases(args.src))
+    num_classes = args.num_classes
+    if num_classes is None:  # a first pass over the labels only
+        top = max(int(label.max()) for _, _, label, _ in iter_folder_cases(args.src, args.spacing_json))
+        num_classes = max(top + 1, 2)
+    if args.class_names:
+        names = [n.strip() for n in args.class_names.split(",")]
+    else:
+        names = ["background"] + [f"class_{i}" for i in range(1, num_classes)]
+    compression = None if args.compression == "none" else args.compression
+    n = write_cases(args.out, _progress(iter_folder_cases(args.src, args.spacing_json), count, "convert"), fmt=fmt,
+                    num_classes=num_classes, class_names=names, compression=compression)
+    print(f"wrote {n} cases ({num_classes} classes: {', '.join(names)}) to {args.out}")
+    return 0
+
+
+# -- inspect -----------------------------------------------------------------------------------
+def detect_format(path: str) -> str:
+    if os.path.isdir(path) or any(ch in path for ch in "*?["):
+        return "tfrecord"
+    if not os.path.isfile(path):
+        raise UserError(f"data file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return "h5" if head == _HDF5_MAGIC else "tfrecord"
+
+
+def inspect_file(path: str) -> dict:
+    """Summary of a data file: cases, shapes, dtypes, class frequencies, spacing (validated:
+    every TFRecord CRC is checked, every label range too)."""
+    if detect_format(path) == "h5":
+        from datamodules.h5io import iter_h5_cases, open_h5, read_h5_header
+
+        header, offsets = read_h5_header(path)
+        with open_h5(path) as f:
+            first = f["cases"][header.cases[0].case_id]["image"]
+            storage = f"chunks {list(first.chunks)}, {first.compression}" if first.chunks else "contiguous"
+        mappable = all(o is not None for pair in offsets for o in pair)
+        info = {"format": H5_FORMAT, "storage": storage + (" (memory-mapped at read)" if mappable else " (node cache at read)")}
+        stream, meta = iter_h5_cases(path), header.describe()
+    else:
+        from datamodules.tfrecord import (check_index, index_path_for, is_gzip, iter_tfrecord_cases,
+                                          list_tfrecord_files, load_index, read_tfrecord_description)
+
+        files = list_tfrecord_files(path)
+        if not files:
+            raise UserError(f"{path}: no TFRecord files found")
+        indexes, notes = [], []
+        for f in files:
+            ip = index_path_for(f)
+            if os.path.exists(ip):
+                index = load_index(ip, f)
+                check_index(index, ip, f)
+                indexes.append(index)
+            else:
+                notes.append(f"{os.path.basename(f)}: no index yet (created on first use)")
+        gz = sum(is_gzip(f) for f in files)
+        info = {"format": TFRECORD_FORMAT, "files": len(files), "storage": f"{gz} gzip, {len(files) - gz} plain",
+                "index": notes or "present and consistent"}
+        stream = iter_tfrecord_cases(files, indexes if len(indexes) == len(files) else None)
+        meta = read_tfrecord_description(files)
+    cases, counts, spacings, shapes = [], None, [], {}
+    for case_id, image, label, spacing in stream:
+        k = meta["num_classes"]
+        if label.size and int(label.max()) >= k:
+            raise UserError(f"{path} case {case_id!r}: label value {int(label.max())} is out of range [0, {k})")
+        c = np.bincount(label.reshape(-1), minlength=k)[:k]
+        counts = c if counts is None else counts + c
+        shapes[str(list(image.shape))] = shapes.get(str(list(image.shape)), 0) + 1
+        spacings.append(spacing)
+        cases.append({"case": case_id, "shape": list(image.shape), "spacing": list(spacing),
+                      "classes_present": [int(i) for i in np.flatnonzero(c)]})
+    if not cases:
+        raise UserError(f"{path}: contains no cases (empty dataset)")
+    sp = np.asarray(spacings)
+    total = int(counts.sum())
+    info.update({
+        "file": path,
+        "num_classes": meta["num_classes"],
+        "class_names": meta["class_names"],
+        "in_channels": meta["in_channels"],
+        "num_cases": len(cases),
+        "dtypes": {"image": "float32", "label": "uint8"},
+        "shapes": shapes,
+        "spacing_zyx_mm": {"min": sp.min(0).tolist(), "median": np.median(sp, 0).tolist(), "max": sp.max(0).tolist()},
+        "class_voxels": [int(v) for v in counts],
+        "class_fraction": [float(v) / total for v in counts],
+        "cases_with_class": [sum(i in c["classes_present"] for c in cases) for i in range(meta["num_classes"])],
+        "cases": cases,
+    })
+    return info
+
+
+def _print_inspect(info: dict, show_cases: bool) -> None:
+    print(f"file        {info['file']}  ({info['format']}, {info['storage']})")
+    if "index" in info:
+        print(f"index       {info['index']}")
+    print(f"cases       {info['num_cases']}   in_channels {info['in_channels']}   "
+          f"dtypes image {info['dtypes']['image']}, label {info['dtypes']['label']}")
+    print("shapes      " + ", ".join(f"{s} x{n}" for s, n in info["shapes"].items()) + "   ([C, D, H, W])")
+    sp = info["spacing_zyx_mm"]
+    fmt = lambda v: "[" + " ".join(f"{x:.3g}" for x in v) + "]"  # noqa: E731
+    print(f"spacing     z y x mm: min {fmt(sp['min'])}  median {fmt(sp['median'])}  max {fmt(sp['max'])}")
+    print("classes     id  name                 voxels     fraction  cases")
+    for i, name in enumerate(info["class_names"]):
+        print(f"            {i:<3} {name:<20} {info['class_voxels'][i]:>10}  {100 * info['class_fraction'][i]:7.3f}%  "
+              f"{info['cases_with_class'][i]:>5}")
+    if show_cases:
+        for c in info["cases"]:
+            print(f"  {c['case']:<24} {c['shape']}  spacing {c['spacing']}  classes {c['classes_present']}")
+
+
+def cmd_inspect(args) -> int:
+    info = inspect_file(args.file)
+    if args.json:
+        if not args.cases:
+            info.pop("cases")
+        print(json.dumps(info, indent=2))
+    else:
+        _print_inspect(info, args.cases)
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch.py data", description="Generate, convert and inspect segmentation data files.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="write a deterministic phantom dataset (HDF5 or TFRecord)")
+    g.add_argument("--out", required=True, help="output .h5 or .tfrecord[.gz] file")
+    g.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                   help="defaults for 2D (40 cases of 16x96x96) or 3D (24 cases of 48x64x64) recipes")
+    g.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), help="case shape (overrides --dims)")
+    g.add_argument("--cases", type=int, help="number of cases (overrides --dims)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-classes", type=int, default=5, help="2..5: background, liver, kidney, spleen, lesion")
+    g.add_argument("--channels", type=int, default=1, choices=(1, 2))
+    g.add_argument("--compression", choices=("none", "lzf", "gzip"), default="none",
+                   help="none (default) is the fast, memory-mapped read path")
+    g.add_argument("--format", choices=("h5", "tfrecord"), help="default: from the --out extension")
+    g.add_argument("--force", action="store_true", help="overwrite an existing file")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert a folder of NumPy/NIfTI cases (see datamodules.convert)")
+    c.add_argument("src", help="folder with <case>_image.npy + <case>_label.npy, <case>.npz or <case>_image.nii.gz + <case>_label.nii.gz")
+    c.add_argument("--out", required=True, help="output .h5 or .tfrecord[.gz] file")
+    c.add_argument("--num-classes", type=int, help="classes incl. background (default: max label + 1)")
+    c.add_argument("--class-names", help="comma-separated, background first")
+    c.add_argument("--spacing-json", help="JSON {case: [z, y, x]} for NumPy cases (default: <src>/spacing.json)")
+    c.add_argument("--compression", choices=("none", "lzf", "gzip"), default="none")
+    c.add_argument("--format", choices=("h5", "tfrecord"), help="default: from the --out extension")
+    c.add_argument("--force", action="store_true", help="overwrite an existing file")
+    c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("inspect", help="summarise and validate an HDF5 or TFRecord data file")
+    i.add_argument("file", help=".h5 file, .tfrecord[.gz] file, directory or glob of TFRecords")
+    i.add_argument("--cases", action="store_true", help="list every case")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return UserError.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

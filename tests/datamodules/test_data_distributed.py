@@ -1,0 +1,35 @@
+"""Two real processes (torchrun, gloo): each sample of an epoch reaches exactly one rank/worker."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+@pytest.mark.slow  # ~30 s on 2 cores, mostly two processes importing torch + lightning
+def test_torchrun_two_ranks_two_workers_each_sample_once(data_files, tmp_path):
+    specs = [f"{data_files['h5', 2]}:2", f"{data_files['tfrecord.gz', 3]}:3", f"{tmp_path / 'fresh.h5'}:2"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "ddp_data_worker.py"), str(tmp_path), *specs]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert {r["world_size"] for r in ranks} == {2} and {r["rank"] for r in ranks} == {0, 1}
+    for spec in specs:
+        per_rank = [r["results"][spec] for r in ranks]
+        n_train, n_val = per_rank[0]["n_train"], per_rank[0]["n_val"]
+        assert n_train == 18  # 17 rounded up to world_size * batch_size
+        assert sorted(per_rank[0]["train"] + per_rank[1]["train"]) == list(range(n_train)), spec
+        assert per_rank[0]["train_steps"] == per_rank[1]["train_steps"] == 3
+        assert sorted(per_rank[0]["val"] + per_rank[1]["val"]) == list(range(n_val)), spec
+    assert (tmp_path / "fresh.h5").is_file()  # generated once by local rank 0, read by both
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
