@@ -52,6 +52,7 @@ class RequeueOnSignal(pl.Callback):
         self.filename = filename
         self.requeue = requeue
         self._last_step = -1
+        self._at_step_boundary = True  # the last training batch completed an optimizer step
         self._done = False
 
     @property
@@ -70,15 +71,17 @@ class RequeueOnSignal(pl.Callback):
             self._requeue_and_stop(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stepped = trainer.global_step != self._last_step
+        # the same on every rank, so the collective in _signalled runs on all of them or none
+        self._at_step_boundary = trainer.global_step != self._last_step
         self._last_step = trainer.global_step
-        if stepped and self._signalled(trainer):
+        if self._at_step_boundary and self._signalled(trainer):
             self._save_requeue_and_stop(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        # a validation may fall mid-accumulation (val_check_interval in batches): then wait for
+        # the step to complete, at the next on_train_batch_end
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not self._at_step_boundary:
             return
-        # validation runs after the batch that completed a step (or at epoch end)
         if self._signalled(trainer):
             self._save_requeue_and_stop(trainer)
 
