@@ -200,14 +200,34 @@ def load_zero_checkpoint(path: str | Path) -> dict[str, Any]:
                     weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag_dir.name)
             except (RuntimeError, ValueError, KeyError, FileNotFoundError, pickle.UnpicklingError) as exc:
                 raise UserError(f"ZeRO checkpoint {path} cannot be consolidated: {_first_line(exc)}") from None
-    else:  # stage 0 in fp32: the engine's module state is the full model
-        weights = dict(states["module"])
+    else:  # stage 0: the engine's module state is the full model (bf16/fp16 masters: see below)
+        weights = _stage0_weights(path, states)
     ckpt = {k: v for k, v in states.items() if k not in _DEEPSPEED_KEYS}
     ckpt["state_dict"] = {_strip(k, "_forward_module."): v.float() if v.is_floating_point() else v
                           for k, v in weights.items()}
     if "hyper_parameters" not in ckpt:
         raise UserError(f"ZeRO checkpoint {path} holds no Lightning state (no 'hyper_parameters'); was it written by Lightning?")
     return ckpt
+
+
+def _stage0_weights(path: Path, states: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Stage 0 keeps the module in the training dtype; with bf16/fp16 the fp32 master weights
+    are the optimizer's ``fp32_groups``, in the order of the module's trainable parameters."""
+    module = dict(states["module"])
+    low = [k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32]
+    groups = (states.get("optimizer") or {}).get("fp32_groups") if isinstance(states.get("optimizer"), dict) else None
+    if not low or not groups:
+        return module
+    buffers = set(states.get("buffer_names") or [])
+    frozen = set((states.get("frozen_param_shapes") or {}).keys())
+    names = [k for k in module if k not in buffers and k not in frozen]
+    masters = [t for group in groups for t in (group if isinstance(group, (list, tuple)) else [group])]
+    if len(masters) != len(names) or any(m.shape != module[n].shape for n, m in zip(names, masters)):
+        _rank_zero_print(f"warning: {path}: fp32 master weights do not map onto the module; "
+                         f"using its {module[low[0]].dtype} weights upcast to fp32")
+        return module
+    module.update({n: m.float() for n, m in zip(names, masters)})
+    return module
 
 
 def _strip(key: str, prefix: str) -> str:

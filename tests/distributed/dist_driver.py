@@ -47,6 +47,7 @@ def scenarios(out: Path) -> dict[str, tuple[dict, list[str]]]:
         "zero3_fp32": (parity, zero(3)),
         "zero3_offload_fp32": (parity, ["--config", str(FRAGMENTS / "deepspeed_zero3_offload.yaml")]),
         "zero0_fp32": (parity, zero(2) + ["--trainer.strategy.init_args.stage", "0"]),
+        "zero0_bf16": (dict(parity, precision="bf16-mixed"), zero(2) + ["--trainer.strategy.init_args.stage", "0"]),
         # bf16 + accumulation, saved every step; then resumed from step 3
         "zero2_bf16_accum": (dict(parity, precision="bf16-mixed", accumulate=2, ckpt_every=1, keep=-1), zero(2)),
         "zero2_bf16_accum_resumed": (dict(parity, precision="bf16-mixed", accumulate=2, ckpt_every=1, keep=-1),

@@ -8,6 +8,7 @@ scenario; the tests below compare what it wrote. Claims checked:
   the other way to make BN rank-independent, is refused by torch's DDP on CPU).
 * fp32 ZeRO-0/1/2/3 and ZeRO-3 with optimizer offload == DDP, bit for bit: every loss of every
   rank and the final weights (ZeRO directories consolidated by ``load_checkpoint``).
+* ZeRO-0 with bf16 consolidates to the fp32 master weights (not the bf16 module upcast).
 * bf16 + gradient accumulation under ZeRO-2 and -3 run; ZeRO-2 resumed from its step-3
   directory ends bitwise equal to the uninterrupted run; ZeRO-3 bf16 == ZeRO-2 bf16.
 * Incomplete ZeRO directories are refused in one line naming what is missing.
@@ -29,7 +30,7 @@ from trainer.checkpointing import ZERO_COMPLETE, ZERO_WRITING, load_checkpoint, 
 from trainer.errors import UserError
 
 ZERO_FP32 = ["zero0_fp32", "zero1_fp32", "zero2_fp32", "zero3_fp32", "zero3_offload_fp32"]
-SCENARIOS = ["ddp_fp32", "ddp_bn_nosync", *ZERO_FP32, "zero2_bf16_accum",
+SCENARIOS = ["ddp_fp32", "ddp_bn_nosync", *ZERO_FP32, "zero0_bf16", "zero2_bf16_accum",
              "zero2_bf16_accum_resumed", "zero3_bf16_accum", "zero3_distill"]
 
 pytestmark = pytest.mark.slow
@@ -126,6 +127,16 @@ def test_zero_bf16_accumulation_and_resume_round_trip(driver_out):
     kit.assert_bitwise_equal(full, resumed, "ZeRO-2 bf16 resumed from step 3")
     kit.assert_bitwise_equal(full, _weights(_last(driver_out, "zero3_bf16_accum")), "ZeRO-3 vs ZeRO-2 bf16")
     assert load_checkpoint(_last(driver_out, "zero2_bf16_accum"))["global_step"] == 6
+
+
+def test_zero0_bf16_consolidates_to_the_fp32_master_weights(driver_out):
+    ckpt = _last(driver_out, "zero0_bf16")
+    master = _weights(ckpt)
+    module = torch.load(ckpt / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert all(v.dtype == torch.float32 for v in master.values())
+    params = [k for k in master if module[k].dtype == torch.bfloat16]
+    assert params and all(torch.equal(master[k].bfloat16(), module[k]) for k in params)
+    assert any(not torch.equal(master[k], module[k].float()) for k in params)  # not merely upcast
 
 
 # ============================================================================ incomplete directories
