@@ -48,6 +48,8 @@ class ResumableTinySeg(TinySegDataModule):
 
     def val_dataloader(self):
         trainer = self.trainer
+        if trainer is None:  # used outside a Trainer (export verification, restore_run)
+            return super().val_dataloader()
         sampler = DistributedSampler(self.val_items, num_replicas=trainer.world_size, rank=trainer.global_rank,
                                      shuffle=False)
         return StatefulDataLoader(self.val_items, batch_size=2, sampler=sampler)
