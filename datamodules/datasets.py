@@ -28,7 +28,7 @@ def _sample(store: CaseStore, case: int, key: int, image: np.ndarray, label: np.
         "label": torch.from_numpy(label.astype(np.int64)),
         "index": key,
         "case": store.cases[case].case_id,
-        "spacing": torch.tensor(store.cases[case].spacing, dtype=torch.float64),
+        "spacing": torch.from_numpy(np.asarray(store.cases[case].spacing, dtype=np.float64)),
     }
 
 

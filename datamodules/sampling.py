@@ -24,8 +24,30 @@ from trainer.errors import UserError
 STREAM_PATCH, STREAM_AUGMENT = 0, 1
 
 
+_GENERATORS: dict[int, tuple[np.random.Philox, np.random.Generator]] = {}
+
+
 def sample_rng(seed: int, epoch: int, key: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), int(epoch), int(key), int(stream)])
+    """The generator of ``(seed, epoch, key, stream)``: Philox keyed by the seed, with
+    ``(stream, key, epoch)`` in the high words of its 256-bit counter.
+
+    Philox is counter-based, so these streams never overlap (a sample draws far fewer than
+    2**64 blocks). Rather than constructing a generator per sample (~25 us of seeding), one
+    Philox per stream and process is re-positioned by setting its state (~5 us). The returned
+    generator is therefore valid until the next ``sample_rng`` call with the same ``stream``
+    in this process (datasets run single-threaded in each worker).
+    """
+    if stream not in _GENERATORS:
+        bit_gen = np.random.Philox(key=0)
+        _GENERATORS[stream] = (bit_gen, np.random.Generator(bit_gen))
+    bit_gen, gen = _GENERATORS[stream]
+    bit_gen.state = {
+        "bit_generator": "Philox",
+        "state": {"counter": np.array([0, stream, key, epoch % 2**64], np.uint64),
+                  "key": np.array([seed % 2**64, 0], np.uint64)},
+        "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0,
+    }
+    return gen
 
 
 def round_train_samples(samples: int, world_size: int, batch_size: int) -> int:

