@@ -181,9 +181,6 @@ def test_incomplete_zero_dirs_are_refused_naming_what_is_missing(driver_out, tmp
     assert done.returncode == 2 and len(errors) == 1 and shard in errors[0], done.stdout[-2000:]
 
 
-@pytest.mark.xfail(reason="trainer/export/cli.py (export owner) still requires a file: `if not ckpt.is_file()`; "
-                          "load_checkpoint/restore_run accept ZeRO dirs, the CLI check must become `exists()`",
-                   strict=False)
 def test_export_accepts_a_zero_directory(driver_out, tmp_path):
     done = kit.launch(["export", "--ckpt", str(_last(driver_out, "zero2_fp32")), "--format", "onnx",
                        "--out", str(tmp_path / "onnx")], kit.env_with_kit(), check=False)

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         check_out_dir(args.out, args.overwrite)
         fmt.check_available()
         ckpt = Path(args.ckpt)
-        if not ckpt.is_file():
-            raise UserError(f"checkpoint {ckpt} does not exist or is not a file")
+        if not ckpt.exists():  # a file, or a DeepSpeed ZeRO directory (consolidated on load)
+            raise UserError(f"checkpoint {ckpt} does not exist")
         from trainer.restore import restore_run
 
         run = restore_run(str(ckpt))
