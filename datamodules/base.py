@@ -43,6 +43,36 @@ from trainer.errors import UserError
 CACHE_MODES = ("auto", "always", "never")
 
 
+def _check_arguments(name: str, *, spatial_dims, patch_size, pad_multiple, batch_size, samples_per_epoch,
+                     val_batch_size, num_workers, val_fraction, test_fraction, fg_oversample, cache, generate) -> None:
+    """Reject bad constructor arguments up front, naming the value and what is allowed."""
+    if spatial_dims not in (2, 3):
+        raise UserError(f"{name}: spatial_dims={spatial_dims!r} must be 2 or 3")
+    if len(patch_size) != spatial_dims or min(patch_size) < 1:
+        raise UserError(f"{name}: patch_size={patch_size} needs {spatial_dims} positive sizes for spatial_dims={spatial_dims}")
+    if pad_multiple < 1 or any(p % pad_multiple for p in patch_size):
+        raise UserError(f"{name}: patch_size={patch_size} must be a multiple of pad_multiple={pad_multiple} "
+                        "(the network's divisor)")
+    for arg, value in (("batch_size", batch_size), ("samples_per_epoch", samples_per_epoch),
+                       ("val_batch_size", val_batch_size)):
+        if value is not None and int(value) < 1:
+            raise UserError(f"{name}: {arg}={value} must be >= 1")
+    if num_workers < 0:
+        raise UserError(f"{name}: num_workers={num_workers} must be >= 0")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UserError(f"{name}: val_fraction={val_fraction}, test_fraction={test_fraction} must be in [0, 1) "
+                        "and sum below 1")
+    if not 0 <= fg_oversample <= 1:
+        raise UserError(f"{name}: fg_oversample={fg_oversample} must be in [0, 1]")
+    if cache not in CACHE_MODES:
+        raise UserError(f"{name}: cache={cache!r} must be one of {list(CACHE_MODES)}")
+    if generate is not None:
+        allowed = set(inspect.signature(phantom.generate_phantom_h5).parameters) - {"path"}
+        unknown = sorted(set(generate) - allowed)
+        if unknown:
+            raise UserError(f"{name}: generate has unknown keys {unknown}; allowed: {sorted(allowed)}")
+
+
 class SegDataModule(L.LightningDataModule):
     """Format-independent base of the segmentation datamodules.
 
@@ -140,30 +170,11 @@ class SegDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         name = type(self).__name__
-        if spatial_dims not in (2, 3):
-            raise UserError(f"{name}: spatial_dims={spatial_dims!r} must be 2 or 3")
         patch_size = [int(p) for p in patch_size]
-        if len(patch_size) != spatial_dims or min(patch_size) < 1:
-            raise UserError(f"{name}: patch_size={patch_size} needs {spatial_dims} positive sizes for spatial_dims={spatial_dims}")
-        if pad_multiple < 1 or any(p % pad_multiple for p in patch_size):
-            raise UserError(f"{name}: patch_size={patch_size} must be a multiple of pad_multiple={pad_multiple} (the network's divisor)")
-        for arg, value in (("batch_size", batch_size), ("samples_per_epoch", samples_per_epoch or 1),
-                           ("val_batch_size", val_batch_size or 1)):
-            if int(value) < 1:
-                raise UserError(f"{name}: {arg}={value} must be >= 1")
-        if num_workers < 0:
-            raise UserError(f"{name}: num_workers={num_workers} must be >= 0")
-        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise UserError(f"{name}: val_fraction={val_fraction}, test_fraction={test_fraction} must be in [0, 1) and sum below 1")
-        if not 0 <= fg_oversample <= 1:
-            raise UserError(f"{name}: fg_oversample={fg_oversample} must be in [0, 1]")
-        if cache not in CACHE_MODES:
-            raise UserError(f"{name}: cache={cache!r} must be one of {list(CACHE_MODES)}")
-        if generate is not None:
-            allowed = set(inspect.signature(phantom.generate_phantom_h5).parameters) - {"path"}
-            unknown = sorted(set(generate) - allowed)
-            if unknown:
-                raise UserError(f"{name}: generate has unknown keys {unknown}; allowed: {sorted(allowed)}")
+        _check_arguments(name, spatial_dims=spatial_dims, patch_size=patch_size, pad_multiple=pad_multiple,
+                         batch_size=batch_size, samples_per_epoch=samples_per_epoch, val_batch_size=val_batch_size,
+                         num_workers=num_workers, val_fraction=val_fraction, test_fraction=test_fraction,
+                         fg_oversample=fg_oversample, cache=cache, generate=generate)
         self.path = os.fspath(path)
         self.spatial_dims = int(spatial_dims)
         self.patch_size = patch_size

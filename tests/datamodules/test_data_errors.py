@@ -160,6 +160,7 @@ def test_split_that_leaves_a_rank_without_data(data_files):
     ({"cache": "sometimes"}, "cache='sometimes' must be one of"),
     ({"aug_flip_prob": 2.0}, r"aug_flip_prob=2.0 must be a probability"),
     ({"batch_size": 0}, "batch_size=0 must be >= 1"),
+    ({"samples_per_epoch": 0}, "samples_per_epoch=0 must be >= 1"),
 ])
 def test_constructor_arguments_are_validated(data_files, kwargs, message):
     args = {"spatial_dims": 2, "patch_size": [16, 16], **kwargs}
