@@ -11,7 +11,7 @@ from tfrecord import TFRecordWriter
 from tfrecord.tools.tfrecord2idx import create_index
 
 from datamodules.tfrecord import (TFRecordSegDataModule, encode_case, ensure_index, index_path_for, iter_records,
-                                  iter_tfrecord_cases, load_index, masked_crc, write_tfrecord)
+                                  iter_tfrecord_cases, masked_crc, write_tfrecord)
 from datamodules.tools import main as tools_main
 from dmhelpers import make_dm, phantom_cases
 from trainer.errors import UserError
