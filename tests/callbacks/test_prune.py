@@ -200,7 +200,8 @@ from trainer.callbacks.prune import PruneRetrain
 torch.set_num_threads(1)
 pl.seed_everything(0, verbose=False)
 module = make_module(tiny_unet())
-cb = PruneRetrain(target_ratio=0.5, rounds=2, epochs_per_round=1, start_epoch=1, importance=sys.argv[2], taylor_batches=2)
+# round 1 in setup (before DDP wraps: weights broadcast from rank 0), round 2 at epoch 1 (DDP rewrapped)
+cb = PruneRetrain(target_ratio=0.5, rounds=2, epochs_per_round=1, start_epoch=0, importance=sys.argv[2], taylor_batches=2)
 seen = {{}}
 
 class Probe(pl.Callback):  # what DDP wraps while training, after the last round
@@ -273,8 +274,43 @@ def test_recipe_smoke(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     cli = run_lightning_cli(["fit", "--config", str(path)])
     cb = next(c for c in cli.trainer.callbacks if isinstance(c, PruneRetrain))
-    assert cb.rounds_done == 3 and [r["round"] for r in cb.rows] == [0, 1, 2, 3]
+    assert cb.rounds_done == 3 and [(r["round"], r["epoch"]) for r in cb.rows] == [(0, -1), (1, 0), (2, 1), (3, 2), (3, 3)]
     assert any(p.name == "prune_rounds.md" for p in tmp_path.rglob("prune_rounds.md"))
     run = restore_run(tmp_path / "checkpoints" / "last.ckpt", with_data=False)
     widths = conv_out_channels(run.net)
     assert widths["encoders.2.0"] == 16 and widths["encoders.1.0"] == 8 and widths["head"] == 5  # round_to 8
+
+
+# ---------------------------------------------------------------------------- SIGKILL (scale-out harness)
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2])
+def test_sigkill_mid_round_then_resume_is_bitwise_exact(tmp_path, devices):
+    """Real SIGKILLs (whole process group) mid-epoch inside round 1 and inside round 2, then
+    ``--ckpt_path last``; the final weights equal an uninterrupted run's bit for bit. Uses the
+    scale-out harness (tests/distributed/scale_kit.py: resumable data, KillAt, launch)."""
+    sys.path.insert(0, str(TESTS / "distributed"))
+    import scale_kit as kit
+
+    prune = {"class_path": "trainer.callbacks.prune.PruneRetrain",
+             "init_args": {"target_ratio": 0.5, "rounds": 2, "epochs_per_round": 1, "start_epoch": 1,
+                           "importance": "taylor", "taylor_batches": 2}}
+    config = dict(devices=devices, net="unet_batch", max_steps=12 if devices == 1 else 6, n_train=8, val_every=None)
+    log = tmp_path / "runs.log"
+    ref = tmp_path / "ref"
+    kit.write_recipe(ref / "recipe.yaml", kit.recipe(ref, callbacks=[prune], **config))
+    kit.launch(["fit", "--config", str(ref / "recipe.yaml")], kit.env_with_kit(), log=log)
+
+    # 1 rank: 4 batches per epoch, rounds prune at batches 4 and 8; 2 ranks: 2 per epoch, at 2 and 4
+    kills = [(6, 0), (9, 1)] if devices == 1 else [(2, 0), (4, 1)]
+    killers = [{"class_path": "scale_kit.KillAt", "init_args": {"phase": "batch_end", "batch": b, "attempt": a}}
+               for b, a in kills]
+    run = tmp_path / "run"
+    kit.write_recipe(run / "recipe.yaml", kit.recipe(run, callbacks=[prune, *killers], **config))
+    for attempt in range(len(kills) + 1):
+        args = ["fit", "--config", str(run / "recipe.yaml")] + (["--ckpt_path", "last"] if attempt else [])
+        done = kit.launch(args, kit.env_with_kit(SCALE_KIT_ATTEMPT=str(attempt)), check=False, log=log)
+        assert done.returncode == (0 if attempt == len(kills) else -9), f"attempt {attempt}: see {log}\n{done.stdout[-3000:]}"
+    kit.assert_bitwise_equal(kit.final_weights(ref), kit.final_weights(run), f"{devices} rank(s), kills {kills}")
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert ckpt["callbacks"]["PruneRetrain"]["rounds_done"] == 2
+    assert ckpt["state_dict"]["net.encoders.1.0.weight"].shape[0] == 4  # 8 -> 4 channels

@@ -21,9 +21,10 @@ When things happen (``fit``):
   after DDP's all-reduce, Taylor gradients are summed over ranks, and the kept channels are
   compared across ranks), then the DDP wrapper, optimizers and schedulers are rebuilt
   (:mod:`trainer.prune.rebuild`; state sliced to the kept channels, or LR rewound).
-* after each round's last retraining epoch (validation end): a row of the round table
-  (round, channels kept, params, MACs, val Dice), logged to the Lightning loggers as
-  ``prune/*`` and written to ``<log_dir>/prune_rounds.{csv,md}``.
+* after each round's last retraining epoch (validation end), and at the end of fit: a row of
+  the round table (round, last trained epoch, channels kept, params, MACs, val Dice; round 0
+  is the unpruned network), logged to the Lightning loggers as ``prune/*`` and written to
+  ``<log_dir>/prune_rounds.{csv,md}``.
 * ``on_train_end``: unstructured masks made permanent (``prune.remove``).
 
 Resume: each round is recorded in the network's structural history
@@ -183,7 +184,7 @@ class PruneRetrain(pl.Callback):
                             "only at epoch 0 (rounds: 1, start_epoch: 0)")
         index, ratio = self.rounds_done, self.ratios[self.rounds_done]
         if index == 0:
-            self._add_row(trainer, pl_module, round_index=0, dice=self._baseline_dice)
+            self._add_row(trainer, pl_module, 0, self._baseline_dice, epoch=trainer.current_epoch - 1)
         before = snapshot(trainer, pl_module) if optimizers_exist else None
         plan = None
         if self.method == "structured":
@@ -223,6 +224,7 @@ class PruneRetrain(pl.Callback):
         # (QAT converts in its setup) exist. On resume the checkpoint's history is replayed
         # after setup instead.
         if not resuming and self.schedule.due(self.rounds_done, 0):
+            self._sync_from_rank0(trainer, net)
             self.prune_round(trainer, pl_module, optimizers_exist=False)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -251,8 +253,9 @@ class PruneRetrain(pl.Callback):
             self._add_row(trainer, pl_module, self.rounds_done, self._dice(trainer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A last row after fine-tuning epochs that follow the last round (or an interrupted one).
         if self.rounds_done > 0:
-            self._add_row(trainer, pl_module, self.rounds_done, self._dice(trainer))
+            self._add_row(trainer, pl_module, self.rounds_done, self._dice(trainer), epoch=trainer.current_epoch - 1)
         if self.method == "unstructured" and self.make_permanent:
             sparsity.make_permanent(self._net(pl_module))
 
@@ -344,6 +347,16 @@ class PruneRetrain(pl.Callback):
         if n == 0:
             raise UserError("PruneRetrain: importance 'taylor' got no training batch")
 
+    @staticmethod
+    def _sync_from_rank0(trainer: pl.Trainer, net: nn.Module) -> None:
+        """Before DDP exists (setup), ranks may hold different initial weights (no seed): give
+        every rank rank 0's, so that all rank channels alike (DDP would broadcast them anyway)."""
+        if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        with torch.no_grad():
+            for tensor in net.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
     def _check_ranks_agree(self, trainer: pl.Trainer, plan: dict[str, Any]) -> None:
         if trainer.world_size <= 1:
             return
@@ -369,11 +382,15 @@ class PruneRetrain(pl.Callback):
         value = trainer.callback_metrics.get("val/dice")
         return float(value) if value is not None else float("nan")
 
-    def _add_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round_index: int, dice: float) -> None:
-        if any(r["round"] == round_index for r in self.rows):
+    def _add_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round_index: int, dice: float,
+                 epoch: int | None = None) -> None:
+        """One table row: the network after ``round_index`` rounds, trained up to ``epoch``
+        (the last completed epoch; -1: before any training of this run)."""
+        epoch = trainer.current_epoch if epoch is None else epoch
+        if any(r["round"] == round_index and r["epoch"] == epoch for r in self.rows):
             return
         net = self._net(pl_module)
-        row = {"round": round_index, "epoch": trainer.current_epoch,
+        row = {"round": round_index, "epoch": epoch,
                "ratio": 0.0 if round_index == 0 else self.ratios[round_index - 1],
                **self._measure(trainer, net), "dice": dice}
         self.rows.append(row)
