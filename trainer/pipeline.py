@@ -164,7 +164,9 @@ class Runner:
             print(f"[pipeline] {stage.name}: complete, skipped ({sdir})", flush=True)
             self.checkpoints[stage.name] = ckpt
             return False
-        if status.get("recipe_sha256") not in (None, digest) or (status.get("complete") and changed_upstream):
+        # Outputs made from an older recipe, or on top of an earlier stage that has since been
+        # rerun, are stale: refuse, or delete them when asked.
+        if status.get("recipe_sha256") not in (None, digest) or (changed_upstream and sdir.exists()):
             if not self.rerun_changed:
                 why = "an earlier stage was rerun" if changed_upstream else "its recipe changed"
                 raise UserError(f"stage '{stage.name}' ({sdir}) was run before but {why}; "
