@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from trainer.errors import UserError
+from trainer.export.card import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_KEYS = {"name", "recipe", "set", "inputs", "export", "checkpoint"}
@@ -149,26 +150,33 @@ class Runner:
         return recipe
 
     def run(self) -> None:
-        changed_upstream = False
         for index, stage in enumerate(self.stages):
-            changed_upstream = self._run_stage(index, stage, changed_upstream)
+            self._run_stage(index, stage)
 
-    def _run_stage(self, index: int, stage: Stage, changed_upstream: bool) -> bool:
+    def fingerprint(self, stage: Stage, text: str) -> str:
+        """Hash of the resolved recipe and of the checkpoints it takes as inputs, so a stage
+        built on an earlier stage that has since been rerun counts as changed."""
+        digest = hashlib.sha256(text.encode())
+        for source in sorted(set(stage.inputs.values())):
+            digest.update(sha256_file(self.checkpoints[source]).encode())
+        return digest.hexdigest()
+
+    def _run_stage(self, index: int, stage: Stage) -> None:
         sdir = self.stage_dir(stage)
         recipe = self.resolved_recipe(stage)
         text = yaml.safe_dump(recipe, sort_keys=False)
-        digest = hashlib.sha256(text.encode()).hexdigest()
+        digest = self.fingerprint(stage, text)
         status = _read_json(sdir / STATUS)
         ckpt = sdir / "checkpoints" / f"{stage.checkpoint}.ckpt"
-        if status.get("complete") and status.get("recipe_sha256") == digest and not changed_upstream and ckpt.exists():
+        if status.get("complete") and status.get("recipe_sha256") == digest and ckpt.exists():
             print(f"[pipeline] {stage.name}: complete, skipped ({sdir})", flush=True)
             self.checkpoints[stage.name] = ckpt
-            return False
-        # Outputs made from an older recipe, or on top of an earlier stage that has since been
-        # rerun, are stale: refuse, or delete them when asked.
-        if status.get("recipe_sha256") not in (None, digest) or (changed_upstream and sdir.exists()):
+            return
+        # Outputs made from an older recipe or older inputs are stale: refuse, or delete them
+        # when asked.
+        if status.get("recipe_sha256") not in (None, digest):
             if not self.rerun_changed:
-                why = "an earlier stage was rerun" if changed_upstream else "its recipe changed"
+                why = "its recipe or an input checkpoint changed"
                 raise UserError(f"stage '{stage.name}' ({sdir}) was run before but {why}; "
                                 "rerun it with --rerun-changed (its old outputs are deleted) or use a new run_dir")
             shutil.rmtree(sdir)
@@ -190,7 +198,6 @@ class Runner:
                                                     "--out", str(sdir / "export" / fmt), "--overwrite"])
         _write_json(sdir / STATUS, {"index": index, "complete": True, "recipe_sha256": digest, "checkpoint": str(ckpt),
                                     "exports": {f: str(sdir / "export" / f) for f in stage.export}})
-        return True
 
 
 def _isolate(recipe: dict[str, Any], sdir: Path) -> None:
@@ -230,7 +237,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="launch.py pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("pipeline", help="pipeline YAML, e.g. recipes/pipeline_unet2d.yaml")
     parser.add_argument("--rerun-changed", action="store_true",
-                        help="rerun complete stages whose recipe changed (and every stage after them)")
+                        help="rerun stages whose recipe or input checkpoints changed (their old outputs are deleted)")
     parser.add_argument("--no-report", action="store_true", help="skip the compression report at the end")
     args = parser.parse_args(argv)
     run_dir, stages = load_pipeline(args.pipeline)
