@@ -213,9 +213,55 @@ def _isolate(recipe: dict[str, Any], sdir: Path) -> None:
             lg["init_args"]["save_dir"] = str(sdir)
 
 
+class Requeued(Exception):
+    """A SLURM requeue signal arrived; the job has been (or is being) requeued."""
+
+
+_child: list[subprocess.Popen] = []
+
+
+def _forward_signal(signum: int, frame: Any) -> None:
+    # Inside a SLURM job the pipeline only notes the signal and passes it to the running
+    # stage, whose RequeueOnSignal callback checkpoints and requeues at a safe point.
+    from trainer.requeue_signals import _note_signal
+
+    _note_signal(signum, frame)
+    for proc in _child:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+
+def _install_slurm_forwarding() -> None:
+    import signal
+
+    from trainer.requeue_signals import REQUEUE_SIGNALS, under_slurm_job
+
+    if under_slurm_job():
+        for sig in REQUEUE_SIGNALS:
+            signal.signal(sig, _forward_signal)
+
+
+def _check_requeue(where: str) -> None:
+    """Between stages (no child to checkpoint): requeue the job now if a signal came."""
+    from trainer.requeue_signals import received
+
+    if received() is not None:
+        from trainer.callbacks.requeue import requeue_job
+
+        requeue_job()
+        raise Requeued(where)
+
+
 def _launch(title: str, args: list[str]) -> None:
+    _check_requeue(f"before {title}")
     print(f"\n[pipeline] {title}\n$ python launch.py {shlex.join(args)}", flush=True)
-    code = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=Path.cwd()).returncode
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=Path.cwd())
+    _child[:] = [proc]
+    code = proc.wait()
+    from trainer.requeue_signals import received
+
+    if received() is not None and args[0] == "fit":
+        raise Requeued(title)  # the stage saved a checkpoint and requeued the job itself
     if code != 0:
         raise UserError(f"[{title}] failed with exit code {code}: python launch.py {shlex.join(args)}")
 
@@ -241,7 +287,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-report", action="store_true", help="skip the compression report at the end")
     args = parser.parse_args(argv)
     run_dir, stages = load_pipeline(args.pipeline)
-    Runner(run_dir, stages, args.rerun_changed).run()
+    _install_slurm_forwarding()
+    try:
+        Runner(run_dir, stages, args.rerun_changed).run()
+    except Requeued as where:
+        print(f"[pipeline] SLURM asked to stop ({where}); the job is requeued and will resume", flush=True)
+        return 0
     if not args.no_report:
         from trainer.report import write_report
 

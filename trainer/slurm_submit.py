@@ -31,16 +31,19 @@ from typing import Any
 from trainer.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = {"single": ROOT / "slurm" / "single_node.sbatch", "multi": ROOT / "slurm" / "multi_node.sbatch"}
+TEMPLATES = {"single": ROOT / "slurm" / "single_node.sbatch", "multi": ROOT / "slurm" / "multi_node.sbatch",
+             "pipeline": ROOT / "slurm" / "pipeline.sbatch"}
 _TIME = re.compile(r"^(?:(\d+)-)?(\d{1,3})(?::(\d{2}))?(?::(\d{2}))?$")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch.py submit", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--config", "-c", action="append", required=True,
+    p.add_argument("--config", "-c", action="append",
                    help="recipe YAML (repeat to stack fragments, e.g. recipes/strategy/ddp.yaml)")
-    p.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    p.add_argument("--pipeline", help="submit a whole pipeline YAML as one single-node, requeueable job "
+                   "instead of --config")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, required=True,
                    help="GPUs per node, must equal the recipe's trainer.devices; 0 = CPU cluster")
     p.add_argument("--time", required=True, help="time limit, [D-]HH:MM:SS")
@@ -67,7 +70,9 @@ def main(argv: list[str]) -> int:
         parser.print_help()
         return 0
     args, sbatch_extra = _parse(parser, argv)
-    job = plan_job(args, sbatch_extra, fit_overrides)
+    if bool(args.config) == bool(args.pipeline):
+        raise UserError("submit: give either --config RECIPE (a training run) or --pipeline FILE, not both or neither")
+    job = (plan_pipeline_job(args, sbatch_extra) if args.pipeline else plan_job(args, sbatch_extra, fit_overrides))
     script = render(job)
     if args.dry_run:
         print(script, end="")
@@ -133,6 +138,29 @@ def plan_job(args: argparse.Namespace, sbatch_extra: list[str], fit_overrides: l
         "log_dir": log_dir, "output_path": str(log_dir / "%x-%j.out"), "workdir": str(Path.cwd()),
         "python": args.python, "launch": str(ROOT / "launch.py"),
         "fit_args": fit_args + list(fit_overrides) + extra_fit,
+        "sbatch_extra": _group_options(sbatch_extra),
+    }
+
+
+def plan_pipeline_job(args: argparse.Namespace, sbatch_extra: list[str]) -> dict[str, Any]:
+    """One task on one node running ``launch.py pipeline``; its stages validate themselves."""
+    from trainer.pipeline import load_pipeline
+
+    if args.nodes != 1:
+        raise UserError(f"submit: --pipeline runs on one node; got --nodes {args.nodes}")
+    if args.gpus_per_node < 0:
+        raise UserError(f"submit: --gpus-per-node {args.gpus_per_node} must be >= 0 (0 = CPU cluster)")
+    limit_s = parse_time(args.time)
+    if not 0 < args.signal_lead < limit_s:
+        raise UserError(f"submit: --signal-lead {args.signal_lead}s must be > 0 and below the time limit {args.time}")
+    run_dir, _ = load_pipeline(args.pipeline)  # fails here, before sbatch, on a bad pipeline file
+    log_dir = Path(args.log_dir or run_dir / "slurm")
+    return {
+        "template": "pipeline", "job_name": args.job_name or Path(args.pipeline).stem,
+        "cpus_per_task": args.cpus_per_task or (8 if args.gpus_per_node else 2),
+        "gpus_per_node": args.gpus_per_node, "time": args.time, "signal_lead": args.signal_lead,
+        "log_dir": log_dir, "output_path": str(log_dir / "%x-%j.out"), "workdir": str(Path.cwd()),
+        "python": args.python, "launch": str(ROOT / "launch.py"), "pipeline": args.pipeline,
         "sbatch_extra": _group_options(sbatch_extra),
     }
 
@@ -236,8 +264,8 @@ def render(job: dict[str, Any]) -> str:
     q = shlex.quote
     values = {
         "job_name": q(job["job_name"]),
-        "nodes": str(int(job["nodes"])),
-        "tasks_per_node": str(int(job["tasks_per_node"])),
+        "nodes": str(int(job.get("nodes", 1))),
+        "tasks_per_node": str(int(job.get("tasks_per_node", 1))),
         "cpus_per_task": str(int(job["cpus_per_task"])),
         "gpus_directive": f"#SBATCH --gpus-per-node={int(job['gpus_per_node'])}" if job["gpus_per_node"] else
                           "# (CPU job: no GPUs requested)",
@@ -248,7 +276,8 @@ def render(job: dict[str, Any]) -> str:
         "workdir": q(job["workdir"]),
         "python": q(job["python"]),
         "launch": q(job["launch"]),
-        "fit_args": " ".join(q(a) for a in job["fit_args"]),
+        "fit_args": " ".join(q(a) for a in job.get("fit_args", [])),
+        "pipeline": q(job.get("pipeline", "")),
     }
     text = TEMPLATES[job["template"]].read_text()
     for key, value in values.items():

@@ -97,3 +97,14 @@ def test_pipeline_runs_resumes_after_kill_skips_and_refuses_changes(tmp_path, su
     assert proc.returncode == 2 and "stage 'student'" in proc.stderr and "--rerun-changed" in proc.stderr
     out = launch(["pipeline", str(path), "--no-report", "--rerun-changed"], subprocess_env).stdout
     assert "teacher: complete, skipped" in out and "student: train" in out
+
+
+def test_submit_pipeline_dry_run_quotes_and_validates(tmp_path, subprocess_env):
+    path = write_pipeline(tmp_path)
+    out = launch(["submit", "--pipeline", str(path), "--gpus-per-node", "0", "--time", "01:00:00",
+                  "--job-name", "p; touch pwned", "--dry-run"], subprocess_env).stdout
+    assert "#SBATCH --requeue" in out and "#SBATCH --signal=USR1@" in out
+    assert f"pipeline {path}" in out and "--job-name='p; touch pwned'" in out
+    bad = launch(["submit", "--pipeline", str(tmp_path / "nope.yaml"), "--gpus-per-node", "0",
+                  "--time", "01:00:00", "--dry-run"], subprocess_env, check=False)
+    assert bad.returncode == 2 and "nope.yaml" in bad.stderr
