@@ -85,11 +85,23 @@ def _cos(a, b):
 
 def test_pairwise_affinity_matches_hand_computation():
     # 1x2 spatial grid -> 2 nodes; student has 2 channels, teacher 3 (no adapter needed)
-    s = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # nodes (1,0) and (0,1): cosine 0
+    s = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # nodes (1,0) and (0,1)
     t = torch.tensor([[[[1.0, 1.0]], [[0.0, 1.0]], [[1.0, 0.0]]]])  # nodes (1,0,1), (1,1,0)
-    a_t = _cos([1, 0, 1], [1, 1, 0])
-    expected = (2 * (0 - a_t) ** 2 + 0 + 0) / 4  # off-diagonals differ, diagonals are 1 for both
+    # smoothed norms: |f|^2 + 0.01 * mean |f|^2  ->  student 1.01, teacher 2.02 for every node
+    a_s = [[1 / 1.01, 0.0], [0.0, 1 / 1.01]]
+    a_t = [[2 / 2.02, 1 / 2.02], [1 / 2.02, 2 / 2.02]]
+    expected = sum((a_s[i][j] - a_t[i][j]) ** 2 for i in range(2) for j in range(2)) / 4
     assert losses.pairwise_affinity(s, t, grid=4).item() == pytest.approx(expected, rel=1e-5)
+    assert a_t[0][1] == pytest.approx(_cos([1, 0, 1], [1, 1, 0]) / 1.01)  # cosine up to the smoothing
+
+
+def test_pairwise_affinity_gradient_is_bounded_at_dead_nodes():
+    s = torch.zeros(1, 3, 4, 4)
+    s[0, :, 0, 0] = 1.0  # one live node, fifteen all-zero (dead ReLU) nodes
+    s[0, 0, 1, 1] = 1e-6  # and a nearly dead one
+    s.requires_grad_(True)
+    losses.pairwise_affinity(s, torch.randn(1, 5, 4, 4), grid=4).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().max() < 100
 
 
 def test_pairwise_affinity_max_pools_to_grid_in_3d():

@@ -37,14 +37,14 @@ def _tiny_variant(tmp_path, dims: int, teacher) -> dict:
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_distillation_recipe_runs_and_its_student_restores(tmp_path, subprocess_env, dims):
+def test_distillation_recipe_runs_and_its_student_restores(tmp_path, one_thread_env, dims):
     net = yaml.safe_load((ROOT / f"recipes/distill_unet{dims}d.yaml").read_text())["model"]["net"]["init_args"]
     teacher_net = {**net, "base_channels": 4}  # same depth and layers as the recipe's teacher, tiny
     teacher = framework_checkpoint(tmp_path / "teacher.ckpt", **teacher_net)
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(_tiny_variant(tmp_path, dims, teacher)))
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "fit", "--config", str(config)], cwd=tmp_path,
-                          env=subprocess_env, capture_output=True, text=True, timeout=600)
+                          env=one_thread_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt_path = tmp_path / "ckpt" / "last.ckpt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)

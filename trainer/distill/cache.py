@@ -21,8 +21,10 @@ cached logits (plus a channel of ones that becomes the valid mask) and intensity
 augmentation switched off, so crop, flips, quarter turns and the small affine are applied
 by the very code that made the batch. The replayed label must equal the batch's label,
 checked on every sample, so a datamodule that changed its sampling fails loudly instead of
-distilling misaligned targets. A datamodule that already delivers aligned logits as
-``batch["teacher_logits"]`` (optionally ``batch["teacher_mask"]``) is used as is.
+distilling misaligned targets. The replay of a batch starts in a background thread at
+``on_train_batch_start`` and overlaps the student's forward pass. A datamodule that already
+delivers aligned logits as ``batch["teacher_logits"]`` (optionally ``batch["teacher_mask"]``)
+is used as is.
 
 What offline cannot reproduce, by design: the online teacher sees the *augmented* patch
 (intensity changes, the patch border); the cache holds the teacher's view of the clean whole
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -77,8 +80,6 @@ def dataset_fingerprint(datamodule: Any) -> dict[str, str]:
                         f"{type(datamodule).__name__} has {path!r}")
     if os.path.isfile(path):
         return {"path": str(path), "sha256": _file_sha256(path)}
-    import hashlib
-
     digest = hashlib.sha256()
     for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
         digest.update(f"{file.relative_to(path)}\0{_file_sha256(str(file))}\0".encode())

@@ -166,12 +166,21 @@ def feature_mse(adapted_student: torch.Tensor, teacher_feat: torch.Tensor) -> to
     return F.mse_loss(adapted_student.float(), target)
 
 
-def affinity(features: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def affinity(features: torch.Tensor, size: Sequence[int], rel_eps: float = 0.01) -> torch.Tensor:
     """Cosine-similarity matrix ``[B, N, N]`` between the ``N = prod(size)`` nodes of a
-    feature map max-pooled to ``size`` (Liu et al.'s code pools with max)."""
+    feature map max-pooled to ``size`` (Liu et al.'s code pools with max).
+
+    The norm is smoothed, ``|f| -> sqrt(|f|^2 + d^2)`` with ``d^2 = rel_eps`` times the map's
+    mean squared node norm (detached): the gradient of ``f / |f|`` grows like ``1 / |f|``, and
+    post-ReLU maps of a narrow student have all-zero nodes, whose spikes then dominate every
+    clipped update (a base-5 U-Net collapsed to background). Nodes well above ``d`` get the
+    plain cosine similarity.
+    """
     dims = _spatial_dims(features)
     nodes = _ADAPTIVE_MAX[dims](features.float(), tuple(int(s) for s in size)).flatten(2)  # [B, C, N]
-    nodes = nodes / (nodes.norm(dim=1, keepdim=True) + 1e-8)
+    sq = (nodes * nodes).sum(dim=1, keepdim=True)  # [B, 1, N]
+    floor = rel_eps * sq.mean(dim=2, keepdim=True).detach() + 1e-12
+    nodes = nodes * torch.rsqrt(sq + floor)
     return torch.einsum("bcm,bcn->bmn", nodes, nodes)
 
 
@@ -181,7 +190,7 @@ def pairwise_affinity(student_feat: torch.Tensor, teacher_feat: torch.Tensor, gr
 
     Both feature maps are max-pooled to the same node grid (at most ``grid`` nodes per axis,
     ``N`` nodes in all); node ``i`` has feature vector ``f_i``. With the affinity
-    ``a_ij = f_i . f_j / (|f_i| |f_j|)``::
+    ``a_ij = f_i . f_j / (|f_i| |f_j|)`` (norms smoothed near zero, see :func:`affinity`)::
 
         L_pa = 1 / (B * N^2) * sum_b sum_i sum_j (a^s_ij - a^t_ij)^2
 
