@@ -12,7 +12,7 @@ checkpoint into a recipe key::
       - name: distill
         recipe: recipes/distill_unet2d.yaml
         inputs: {trainer.callbacks.Distillation.teacher: teacher}
-        export: [onnx]
+        export: [onnx, "onnx-int8-cpu --calibration-batches 4"]   # format [export options]
 
 Dotted keys walk the recipe; inside a list (``trainer.callbacks``) a segment picks the entry
 whose ``class_path`` ends with it, and ``init_args`` is implied. Each stage runs in
@@ -43,6 +43,7 @@ from trainer.export.card import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_KEYS = {"name", "recipe", "set", "inputs", "export", "checkpoint"}
+TOP_KEYS = {"run_dir", "stages", "final"}
 STATUS = "stage.json"
 
 
@@ -63,14 +64,29 @@ def load_pipeline(path: str | Path) -> tuple[Path, list[Stage]]:
     spec = yaml.safe_load(path.read_text()) or {}
     if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
         raise UserError(f"{path}: needs a non-empty 'stages' list")
-    unknown = set(spec) - {"run_dir", "stages"}
+    unknown = set(spec) - TOP_KEYS
     if unknown:
-        raise UserError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: run_dir, stages")
+        raise UserError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
     run_dir = Path(spec.get("run_dir") or f"runs/{path.stem}")
     stages: list[Stage] = []
     for i, raw in enumerate(spec["stages"]):
         stages.append(_parse_stage(path, i, raw, stages))
+    _check_final(path, spec.get("final"), stages)
     return run_dir, stages
+
+
+def _check_final(path: Path, final: Any, stages: list[Stage]) -> None:
+    """``final: STAGE/FORMAT`` names the deployable artifact the report's goals are checked on."""
+    if final is None:
+        return
+    exports = {f"{s.name}/{shlex.split(e)[0]}" for s in stages for e in s.export}
+    if final not in exports:
+        raise UserError(f"{path}: final={final!r} is not an exported artifact; choose one of {sorted(exports)}")
+
+
+def final_artifact(path: str | Path) -> str | None:
+    """The pipeline's ``final`` entry (``STAGE/FORMAT``), if it has one."""
+    return (yaml.safe_load(Path(path).read_text()) or {}).get("final")
 
 
 def _parse_stage(path: Path, i: int, raw: Any, earlier: list[Stage]) -> Stage:
@@ -193,11 +209,14 @@ class Runner:
         if not ckpt.exists():
             raise UserError(f"stage '{stage.name}' finished but wrote no {ckpt}")
         self.checkpoints[stage.name] = ckpt
-        for fmt in stage.export:
+        exports = {}
+        for entry in stage.export:  # "FORMAT [export options]", e.g. "onnx-qdq --max-exceed-fraction 0.005"
+            fmt, *options = shlex.split(entry)
+            exports[fmt] = str(sdir / "export" / fmt)
             _launch(f"{stage.name}: export {fmt}", ["export", "--ckpt", str(ckpt), "--format", fmt,
-                                                    "--out", str(sdir / "export" / fmt), "--overwrite"])
+                                                    "--out", exports[fmt], "--overwrite", *options])
         _write_json(sdir / STATUS, {"index": index, "complete": True, "recipe_sha256": digest, "checkpoint": str(ckpt),
-                                    "exports": {f: str(sdir / "export" / f) for f in stage.export}})
+                                    "exports": exports})
 
 
 def _isolate(recipe: dict[str, Any], sdir: Path) -> None:
@@ -296,5 +315,5 @@ def main(argv: list[str]) -> int:
     if not args.no_report:
         from trainer.report import write_report
 
-        write_report(run_dir)
+        write_report(run_dir, final=final_artifact(args.pipeline))
     return 0

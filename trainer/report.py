@@ -123,9 +123,9 @@ def evaluate_stage(name: str, ckpt: Path, exports: dict[str, str], max_batches: 
 
 
 # ---------------------------------------------------------------- goals and output
-def check_goals(rows: list[Row]) -> list[dict[str, Any]]:
+def check_goals(rows: list[Row], final_name: str | None = None) -> list[dict[str, Any]]:
     teacher = next(r for r in rows if r.kind == "pytorch")
-    final = rows[-1]
+    final = next((r for r in rows if f"{r.stage}/{r.kind}" == final_name), rows[-1])
     fp32 = [r for r in rows if r.kind == "onnx"]
     paired = [(r, next(p for p in rows if p.stage == r.stage and p.kind == "pytorch")) for r in fp32]
     teacher_size = next((r.size_bytes for r in rows if r.stage == teacher.stage and r.kind == "onnx"), teacher.size_bytes)
@@ -152,7 +152,10 @@ def to_markdown(rows: list[Row], goals: list[dict[str, Any]]) -> str:
             "| goal | value | target | |\n|---|---:|---|---|\n" + goal_lines)
 
 
-def write_report(run_dir: str | Path, max_batches: int = 8, wandb_project: str | None = None) -> Path:
+def write_report(run_dir: str | Path, max_batches: int = 8, wandb_project: str | None = None,
+                 final: str | None = None) -> Path:
+    """Evaluate every stage of ``run_dir`` and write the report; ``final`` (``STAGE/FORMAT``)
+    picks the deployable artifact the goals are checked on (default: the last row)."""
     from trainer.latency import time_interleaved
     from trainer.report_plots import plot_qualitative, plot_tradeoff
 
@@ -171,7 +174,7 @@ def write_report(run_dir: str | Path, max_batches: int = 8, wandb_project: str |
     times = time_interleaved(runners)
     for r in rows:
         r.latency_ms = 1000 * times[(r.stage, r.kind)]
-    goals = check_goals(rows) if len(stages) > 1 else []
+    goals = check_goals(rows, final) if len(stages) > 1 else []
     md = to_markdown(rows, goals)
     (run_dir / "report.md").write_text(f"# Compression report: {run_dir}\n\n" + md + "\n![tradeoff](report.png)\n")
     (run_dir / "report.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "goals": goals}, indent=1,
@@ -200,8 +203,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="launch.py report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("--max-batches", type=int, default=8, help="validation batches to score (default 8)")
+    parser.add_argument("--final", metavar="STAGE/FORMAT", help="the deployable artifact goals are checked on "
+                        "(default: the last artifact of the last stage)")
     parser.add_argument("--wandb", metavar="PROJECT", help="also log table and plots to this W&B project "
                         "(offline unless WANDB_MODE/WANDB_API_KEY say otherwise)")
     args = parser.parse_args(argv)
-    write_report(args.run_dir, args.max_batches, args.wandb)
+    write_report(args.run_dir, args.max_batches, args.wandb, args.final)
     return 0
