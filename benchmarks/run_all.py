@@ -1,0 +1,61 @@
+"""Run every benchmark of the project and write one Markdown file of their tables.
+
+    python benchmarks/run_all.py --out benchmarks/RESULTS.md [--quick]
+
+Each benchmark runs its compared candidates interleaved in one process and reports ratios
+(the machine is shared and noisy); this script only runs them one after another, so no two
+benchmarks compete for the cores, and stitches their tables together with the command that
+produced each and the machine it ran on.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = {
+    "data loading (issue 3)": ["benchmarks/bench_data.py"],
+    "distillation (issue 5)": ["benchmarks/bench_distill.py"],
+    "prune-retrain (issue 6)": ["benchmarks/bench_prune.py"],
+    "quantization (issue 7)": ["benchmarks/bench_qat.py"],
+}
+QUICK = {"benchmarks/bench_distill.py": ["--quick"], "benchmarks/bench_qat.py": ["--quick"]}
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/RESULTS.md")
+    parser.add_argument("--only", nargs="*", help="run only benchmarks whose title contains one of these words")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets where a benchmark has them (checks only)")
+    args = parser.parse_args()
+    sections = [f"# Benchmarks\n\nMachine: {machine()}. Ratios come from interleaved runs within one process.\n"]
+    for title, cmd in BENCHMARKS.items():
+        if args.only and not any(w in title for w in args.only):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            table = Path(tmp) / "table.md"
+            full = [*cmd, *(QUICK.get(cmd[0], []) if args.quick else []), "--out", str(table)]
+            print(f"==> {title}: python {shlex.join(full)}", flush=True)
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, *full], cwd=ROOT)
+            took = time.perf_counter() - start
+            body = table.read_text() if done.returncode == 0 and table.exists() else f"FAILED (exit {done.returncode})\n"
+        sections.append(f"## {title}\n\n`python {shlex.join(full[:-2])}` ({took / 60:.1f} min)\n\n{body}")
+    Path(args.out).write_text("\n".join(sections))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
