@@ -9,8 +9,9 @@ One run, one process, everything measured here (no numbers carried over):
 2. FP32: a 2D U-Net (base 16, depth 4) trained with Lightning on 64x64 patches, batch 8;
 3. PTQ: ``trainer.quant.ptq.post_training_quantize`` (percentile 99.99, 8 batches);
 4. QAT: the FP32 weights fine-tuned (lr / 10) with the ``QuantizationAwareTraining``
-   callback (percentile calibration; BN and ranges frozen for the last epoch), and, as the
-   fair reference, the same fine-tuning without quantization;
+   callback (percentile calibration, fixed scales), once as is and once with BatchNorm
+   statistics and ranges frozen for the last epoch; as the fair reference, the same
+   fine-tuning without quantization;
 5. artifacts through the export package: ``onnx`` (FP32), ``onnx-int8-cpu`` (onnxruntime
    static INT8 of the FP32 model), ``onnx-qdq`` of the PTQ and of the QAT model (verified);
 6. Dice (mean foreground, global per class, whole validation slices) of every model and
@@ -177,10 +178,13 @@ def main(argv=None) -> int:
     fit(tuned, dm, args.qat_epochs)
     qat = new_module(lr=2e-4)
     qat.net.load_state_dict(fp32.net.state_dict())
-    freeze = args.qat_epochs - 1 if args.qat_epochs > 1 else None  # last epoch: BN and ranges fixed
-    cb = QuantizationAwareTraining(calibration="percentile", calib_batches=8, freeze_bn_epoch=freeze,
-                                   freeze_ranges_epoch=freeze)
-    fit(qat, dm, args.qat_epochs, [cb])
+    fit(qat, dm, args.qat_epochs, [QuantizationAwareTraining(calibration="percentile", calib_batches=8)])
+    # the same with BatchNorm statistics and ranges frozen for the last epoch
+    qat_frozen = new_module(lr=2e-4)
+    qat_frozen.net.load_state_dict(fp32.net.state_dict())
+    last = args.qat_epochs - 1 if args.qat_epochs > 1 else None
+    fit(qat_frozen, dm, args.qat_epochs, [QuantizationAwareTraining(
+        calibration="percentile", calib_batches=8, freeze_bn_epoch=last, freeze_ranges_epoch=last)])
     log(f"FP32 and QAT fine-tuned ({len(quant_layers(qat.net))} quantized layers)")
 
     loose = {"atol": 1e9, "max_exceed_fraction": 1.0, "min_argmax_agreement": 0.0}
@@ -203,6 +207,7 @@ def main(argv=None) -> int:
         "PyTorch FP32 fine-tuned (same steps, no quantization)": dice(eager(tuned.net), val),
         "PyTorch PTQ (fake-quant)": dice(eager(ptq_net), val),
         "PyTorch QAT (fake-quant)": dice(eager(qat.net), val),
+        "PyTorch QAT, BN + ranges frozen for the last epoch": dice(eager(qat_frozen.net), val),
         "ORT onnx (FP32)": dice(sessions["onnx"], val),
         "ORT onnx-int8-cpu (FP32 model, ORT static INT8)": dice(sessions["onnx-int8-cpu"], val),
         "ORT onnx-qdq (PTQ)": dice(sessions["onnx-qdq (PTQ)"], val),
