@@ -54,7 +54,7 @@ class SegmentationModule(pl.LightningModule):
         loss: supervised loss. Default ``DiceCE()``.
         supervised_weight: weight of the supervised loss among all loss terms. Default 1.0.
         optimizer: optimizer factory (recipe: ``class_path: torch.optim.AdamW``...).
-            Default AdamW(lr=1e-3, weight_decay=1e-4).
+            ``None``: AdamW(lr=1e-3, weight_decay=1e-4).
         lr_scheduler: optional scheduler factory, stepped per epoch.
         roi_size: sliding-window size for validation/test of volumes; ``None`` runs whole
             images (2D). Default None.
@@ -74,7 +74,7 @@ class SegmentationModule(pl.LightningModule):
         num_classes: int,
         loss: nn.Module | None = None,
         supervised_weight: float = 1.0,
-        optimizer: OptimizerCallable = _adamw,
+        optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         roi_size: Sequence[int] | None = None,
         sw_overlap: float = 0.5,
@@ -97,7 +97,7 @@ class SegmentationModule(pl.LightningModule):
         self.num_classes = num_classes
         self.loss = loss if loss is not None else DiceCE()
         self.supervised_weight = supervised_weight
-        self.optimizer_factory = optimizer
+        self.optimizer_factory = optimizer or _adamw
         self.scheduler_factory = lr_scheduler
         self.roi_size = list(roi_size) if roi_size else None
         self.sw_overlap = sw_overlap

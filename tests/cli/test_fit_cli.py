@@ -123,3 +123,13 @@ def test_class_mismatch_between_model_and_data_is_named(tmp_path, subprocess_env
 def test_unknown_command(subprocess_env):
     line = _one_line_error(launch(["frobnicate"], subprocess_env, check=False))
     assert "frobnicate" in line
+
+
+def test_recipe_without_optimizer_uses_the_default(tmp_path, subprocess_env):
+    recipe = tiny_recipe(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    del data["model"]["optimizer"]
+    recipe.write_text(yaml.safe_dump(data))
+    launch(["fit", "--config", str(recipe)], subprocess_env)
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-3

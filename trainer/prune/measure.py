@@ -1,8 +1,7 @@
 """What a pruned network costs: parameters, non-zero weights, MACs, channels kept.
 
-MACs come from Torch-Pruning's op counter (``tp.utils.count_ops_and_params``; convolutions,
-ConvTranspose, norms, activations; one multiply-accumulate counts once) on a copy of the
-network in eval mode, for one input of the given shape.
+MACs are those of the conv/ConvTranspose/Linear layers, counted by forward hooks for one
+input of the given shape in eval mode (one multiply-accumulate counts once).
 """
 from __future__ import annotations
 
@@ -40,9 +39,34 @@ def count_nonzero_weights(net: nn.Module) -> tuple[int, int]:
 
 @torch.no_grad()
 def count_macs(net: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass of ``example`` (eval mode, on a copy)."""
-    macs, _ = tp.utils.count_ops_and_params(net, example)
-    return int(macs)
+    """Multiply-accumulates of the conv/ConvTranspose/Linear layers in one forward of ``example``.
+
+    Counted with forward hooks and ``isinstance``, so layers swapped for quantized subclasses
+    (QAT) and physically pruned layers count by what they compute. Norms and activations are
+    left out (they are a few percent of a U-Net's work and not where compression acts).
+    """
+    total = [0]
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            # each input element is spread over out_channels/groups x kernel outputs
+            per_input = module.out_channels // module.groups * int(torch.tensor(module.kernel_size).prod())
+            total[0] += inputs[0].numel() * per_input
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            per_output = module.in_channels // module.groups * int(torch.tensor(module.kernel_size).prod())
+            total[0] += output.numel() * per_output
+        elif isinstance(module, nn.Linear):
+            total[0] += output.numel() * module.in_features
+
+    was_training = net.training
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, _CONVS)]
+    try:
+        net.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+        net.train(was_training)
+    return int(total[0])
 
 
 def out_channels(net: nn.Module) -> dict[str, int]:
