@@ -1,0 +1,254 @@
+"""Distillation benchmark on this CPU: Dice of teacher / student alone / distilled students, and
+the cost of a distillation step. Prints a Markdown table.
+
+    .venv/bin/python benchmarks/bench_distill.py [--quick] [--out FILE.md]
+
+One run, one process, everything measured here (no numbers carried over):
+
+1. data: a phantom HDF5 file (``HDF5SegDataModule`` generates it: 24 cases of 12x64x64, 5
+   classes incl. small low-contrast lesions), the datamodule's default augmentation,
+   75/25 case split; training and evaluation in the main process (``num_workers=0``);
+2. teacher: a 2D U-Net (base 16, depth 4, deep supervision) trained ``--teacher-steps`` steps
+   (more than the students: a teacher no better than its student has nothing to teach; at
+   500 steps it was 1.8 points above the student trained alone);
+3. students: a 2D U-Net (base 10, depth 3, deep supervision; 0.097x the teacher's
+   parameters), each trained ``--student-steps`` steps from the same initialisation, data
+   order and schedule (AdamW 2e-3, cosine): alone (Dice+CE); online distillation (``kd`` T=2
+   weight 0.5, ``kd_ds`` 0.25, FitNets hint student ``decoders.1`` -> teacher ``decoders.2``
+   (1/2 resolution), affinity student ``decoders.0`` -> teacher ``decoders.1`` (1/4)); offline
+   distillation (the same ``kd`` + ``kd_ds`` from a teacher-logit cache made by
+   ``launch.py distill-cache``'s ``main``);
+4. Dice: mean foreground Dice (global per class) on whole validation slices, the framework's
+   ``val/dice``;
+5. step time: the wall time from ``on_train_batch_start`` to ``on_train_batch_end``
+   (forward, loss terms incl. teacher forward or cache replay, backward, optimizer step; the
+   data loading before it is the same for all), in ``--repeats`` interleaved rounds of short
+   fits (alone, online, offline, alone, ...), first step of each fit dropped, median.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from datamodules.hdf5 import HDF5SegDataModule  # noqa: E402
+from trainer.callbacks.distill import Distillation  # noqa: E402
+from trainer.distill.cache import main as distill_cache  # noqa: E402
+from trainer.models import UNet  # noqa: E402
+from trainer.module import SegmentationModule  # noqa: E402
+
+NUM_CLASSES = 5
+STEPS_PER_EPOCH = 25
+TEACHER_NET = dict(spatial_dims=2, in_channels=1, num_classes=NUM_CLASSES, depth=4, base_channels=16,
+                   deep_supervision=True, ds_levels=2)
+# depth 3, base 10: 0.097x the teacher's parameters. A depth-4 base-5 student (0.098x) learned
+# only the liver in this budget (alone or distilled), which leaves nothing to compare.
+STUDENT_NET = {**TEACHER_NET, "depth": 3, "base_channels": 10, "ds_levels": 1}
+KD = dict(temperature=2.0, kd_weight=0.5, kd_ds_weight=0.25)
+# student decoders.1 / .0 sit at 1/2 / 1/4 resolution, like the teacher's decoders.2 / .1
+ONLINE = dict(**KD, features=[{"student": "decoders.1", "teacher": "decoders.2", "weight": 0.5}],
+              affinity=[{"student": "decoders.0", "teacher": "decoders.1", "weight": 1.0, "grid": 16}])
+OFFLINE = dict(KD)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def data_args(tmp: Path) -> dict:
+    return dict(path=str(tmp / "phantom2d.h5"), spatial_dims=2, patch_size=[64, 64], batch_size=8, num_workers=0,
+                val_fraction=0.25, samples_per_epoch=8 * STEPS_PER_EPOCH, val_batch_size=12,
+                generate={"cases": 24, "shape": [12, 64, 64], "seed": 0})
+
+
+def make_module(net_kwargs: dict, steps: int, seed: int) -> SegmentationModule:
+    torch.manual_seed(seed)
+    epochs = max(1, steps // STEPS_PER_EPOCH)
+    return SegmentationModule(
+        UNet(**net_kwargs), num_classes=NUM_CLASSES,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=1e-4),
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=epochs, eta_min=5e-5),
+    )
+
+
+class StepTimer(pl.Callback):
+    """Wall time of each training step, batch start to batch end."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def trainer(tmp: Path, callbacks=(), max_steps: int = -1, **kw) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1 if max_steps > 0 else 1,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+                      gradient_clip_val=12.0, default_root_dir=tmp, callbacks=list(callbacks), **kw)
+
+
+def fit(module, dm, tmp, steps, callbacks=()) -> float:
+    start = time.perf_counter()
+    trainer(tmp, callbacks, max_steps=steps).fit(module, datamodule=dm)
+    return time.perf_counter() - start
+
+
+def dice(module, dm, tmp) -> dict[str, float]:
+    """``{"dice": mean foreground Dice, "<class>": Dice per foreground class}`` on validation."""
+    out = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=tmp).validate(module, datamodule=dm, verbose=False)[0]
+    return {k.removeprefix("val/").removeprefix("dice_"): float(v) for k, v in out.items() if k.startswith("val/dice")}
+
+
+def save_teacher(module: SegmentationModule, path: Path) -> Path:
+    """A checkpoint in the framework's format (recipe dicts as hyper-parameters)."""
+    hparams = {"net": {"class_path": "trainer.models.UNet", "init_args": TEACHER_NET}, "num_classes": NUM_CLASSES}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, path)
+    return path
+
+
+def step_times(dm, tmp, teacher_ckpt, cache, repeats: int, steps: int) -> dict[str, float]:
+    """Median step time per variant, variants interleaved within each repeat."""
+    variants = {
+        "alone": lambda: [],
+        "online": lambda: [Distillation(teacher=str(teacher_ckpt), **ONLINE)],
+        "offline": lambda: [Distillation(cache=str(cache), **OFFLINE)],
+    }
+    times = {name: [] for name in variants}
+    modules = {name: make_module(STUDENT_NET, 1000, seed=1) for name in variants}
+    for _ in range(repeats):
+        for name, callbacks in variants.items():
+            timer = StepTimer()
+            trainer(tmp, [*callbacks(), timer], max_steps=steps).fit(modules[name], datamodule=dm)
+            times[name] += timer.times[1:]  # first step of a fit warms up
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher-steps", type=int, default=1200)
+    p.add_argument("--student-steps", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--timing-steps", type=int, default=6, help="steps per timing fit")
+    p.add_argument("--quick", action="store_true", help="tiny budget: checks the script runs, numbers meaningless")
+    p.add_argument("--out", default=None, help="also write the Markdown table here")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 by default: on a shared 2-core machine two OpenMP threads stall at "
+                        "barriers whenever another process holds a core (steps ran 5-10x slower)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.teacher_steps = args.student_steps = STEPS_PER_EPOCH
+        args.repeats, args.timing_steps = 1, 3
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    tmp = Path(args.workdir or tempfile.mkdtemp(prefix="bench_distill_"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(0, verbose=False)
+    dm = HDF5SegDataModule(**data_args(tmp))
+    dm.prepare_data()
+    dm.setup("fit")
+    recipe = tmp / "data.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"class_path": "datamodules.hdf5.HDF5SegDataModule", "init_args": data_args(tmp)}}))
+
+    wall, results = {}, {}
+    log(f"teacher: {args.teacher_steps} steps")
+    teacher = make_module(TEACHER_NET, args.teacher_steps, seed=0)
+    wall["teacher"] = fit(teacher, dm, tmp, args.teacher_steps)
+    results["teacher"] = dice(teacher, dm, tmp)
+    teacher_ckpt = save_teacher(teacher, tmp / "teacher.ckpt")
+    log(f"teacher Dice {results['teacher']['dice']:.4f}; writing the teacher-logit cache")
+    start = time.perf_counter()
+    cache = tmp / "teacher_logits.h5"
+    distill_cache(["--teacher", str(teacher_ckpt), "--data-config", str(recipe), "--out", str(cache)])
+    wall["cache"] = time.perf_counter() - start
+
+    runs = {
+        "student alone": [],
+        "student + online distillation": [Distillation(teacher=str(teacher_ckpt), **ONLINE)],
+        "student + offline distillation": [Distillation(cache=str(cache), **OFFLINE)],
+    }
+    for name, callbacks in runs.items():
+        log(f"{name}: {args.student_steps} steps")
+        pl.seed_everything(0, verbose=False)
+        student = make_module(STUDENT_NET, args.student_steps, seed=1)
+        wall[name] = fit(student, dm, tmp, args.student_steps, callbacks)
+        results[name] = dice(student, dm, tmp)
+        log(f"{name}: Dice {results[name]['dice']:.4f}")
+
+    log("interleaved step timing")
+    steps = step_times(dm, tmp, teacher_ckpt, cache, args.repeats, args.timing_steps)
+    n_teacher = sum(p.numel() for p in UNet(**TEACHER_NET).parameters())
+    n_student = sum(p.numel() for p in UNet(**STUDENT_NET).parameters())
+    table = render(args, results, wall, steps, n_teacher, n_student)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    print(json.dumps({"dice": results, "wall_s": wall, "step_s": steps}))
+    return 0
+
+
+def _arch(net: dict) -> str:
+    return f"base {net['base_channels']}, depth {net['depth']}"
+
+
+def render(args, results, wall, steps, n_teacher, n_student) -> str:
+    classes = [k for k in results["teacher"] if k != "dice"]
+    t = results["teacher"]["dice"]
+    rows = [
+        f"| model | params | val Dice | Dice - teacher | {' | '.join(classes)} | train wall (s) |",
+        f"|---|---:|---:|---:|{'---:|' * len(classes)}---:|",
+    ]
+    names = ("teacher", "student alone", "student + online distillation", "student + offline distillation")
+    for name in names:
+        arch = _arch(TEACHER_NET if name == "teacher" else STUDENT_NET)
+        n = n_teacher if name == "teacher" else n_student
+        d = results[name]["dice"]
+        delta = "-" if name == "teacher" else f"{100 * (d - t):+.2f} pt"
+        per_class = " | ".join(f"{results[name][c]:.3f}" for c in classes)
+        rows.append(f"| {name} (U-Net {arch}) | {n:,} | {d:.4f} | {delta} | {per_class} | {wall[name]:.0f} |")
+    rows += [
+        "",
+        f"Parameter ratio student/teacher: {n_student / n_teacher:.3f}. Teacher {args.teacher_steps} steps, "
+        f"students {args.student_steps} steps each (batch 8, 64x64), {args.threads} torch thread(s). "
+        f"Teacher-logit cache: {wall['cache']:.0f} s.",
+        "",
+        "| step (median of interleaved repeats) | ms | ratio to student alone |",
+        "|---|---:|---:|",
+    ]
+    for name in ("alone", "online", "offline"):
+        rows.append(f"| {name} | {1000 * steps[name]:.1f} | {steps[name] / steps['alone']:.2f}x |")
+    online, offline = results["student + online distillation"]["dice"], results["student + offline distillation"]["dice"]
+    alone = results["student alone"]["dice"]
+    goals = [
+        ("distilled student within 1 Dice point of the teacher", t - max(online, offline) <= 0.01),
+        ("distilled student (online) above the student alone", online > alone),
+        ("distilled student (offline) above the student alone", offline > alone),
+        ("offline step <= 1.15x student-alone step", steps["offline"] / steps["alone"] <= 1.15),
+    ]
+    rows += ["", *[f"- {'met' if ok else 'MISSED'}: {goal}" for goal, ok in goals]]
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
