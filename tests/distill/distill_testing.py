@@ -41,12 +41,12 @@ def framework_checkpoint(path: Path, seed: int = 0, **net_kwargs) -> Path:
     return path
 
 
-def linear_teacher(path: Path, num_classes: int = 5, seed: int = 0) -> tuple[Path, dict]:
+def linear_teacher(path: Path, num_classes: int = 5, seed: int = 0, spatial_dims: int = 2) -> tuple[Path, dict]:
     """A pointwise linear teacher (a 1x1 Conv2d) saved as a plain state_dict. Being pointwise
     and linear it commutes with crops, flips, quarter turns and bilinear resampling, so its
     logits on an augmented patch equal the augmented cached logits exactly."""
     torch.manual_seed(seed)
-    conv = torch.nn.Conv2d(1, num_classes, kernel_size=1)
+    conv = (torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d)(1, num_classes, kernel_size=1)
     torch.save(conv.state_dict(), path)
     return path, {"in_channels": 1, "out_channels": num_classes, "kernel_size": 1}
 

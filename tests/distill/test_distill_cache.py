@@ -20,9 +20,9 @@ from trainer.module import SegmentationModule
 FP16_REL = 2.0**-11  # float16 round-to-nearest relative error
 
 
-def _make_cache(tmp_path, *, teacher=None, out="cache.h5", extra=(), **data):
+def _make_cache(tmp_path, *, teacher=None, out="cache.h5", extra=(), teacher_class=LINEAR_TEACHER, **data):
     path, init_args = teacher or linear_teacher(tmp_path / "lin.pt", num_classes=5)
-    argv = ["--teacher", str(path), "--teacher-class", LINEAR_TEACHER, "--teacher-init-args", json.dumps(init_args),
+    argv = ["--teacher", str(path), "--teacher-class", teacher_class, "--teacher-init-args", json.dumps(init_args),
             "--data-config", str(data_recipe(tmp_path, **data)), "--out", str(tmp_path / out), *extra]
     assert main(argv) == 0
     return tmp_path / out, path, init_args
@@ -64,6 +64,24 @@ def test_replayed_cache_equals_teacher_on_augmented_patches(tmp_path):
         assert valid.float().mean() > 0.8
         err = ((got - want).abs() * valid[:, None]).max()
         assert err <= 2 * FP16_REL * want.abs().max()
+
+
+def test_replay_in_3d(tmp_path):
+    """3D: sliding-window cache of whole volumes, patches replayed with flips/turns/affine."""
+    teacher = linear_teacher(tmp_path / "lin3.pt", num_classes=5, spatial_dims=3)
+    cache, path, init_args = _make_cache(tmp_path, teacher=teacher, teacher_class="torch.nn.Conv3d",
+                                         spatial_dims=3, aug_affine_prob=0.7)
+    dm = phantom_datamodule(tmp_path, spatial_dims=3, aug_affine_prob=0.7)
+    loader = dm.make_dataloader("train", epoch=2)
+    student = SegmentationModule(UNet(**unet_kwargs(spatial_dims=3, num_classes=5)), num_classes=5)
+    online = _setup(Distillation(teacher=str(path), teacher_class="torch.nn.Conv3d", teacher_init_args=init_args),
+                    dm, loader, 2, student)
+    offline = _setup(Distillation(cache=str(cache)), dm, loader, 2, student)
+    batch = next(iter(loader))
+    want, _, _ = online.teacher_targets(student, batch)
+    got, _, valid = offline.teacher_targets(student, batch)
+    assert got.shape == want.shape == (4, 5, 16, 16, 16) and valid.any()
+    assert ((got - want).abs() * valid[:, None]).max() <= 2 * FP16_REL * want.abs().max()
 
 
 def test_offline_and_online_give_the_same_loss_on_the_same_batch(tmp_path):
