@@ -13,7 +13,6 @@ its path and the sha256 of its file, which the student's checkpoint records.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import math
 from pathlib import Path
@@ -23,20 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.export.card import sha256_file  # noqa: F401  (re-exported for trainer.distill.cache)
 from trainer.errors import UserError
 
 EnsembleMode = Literal["probs", "logits"]
 ENSEMBLE_MODES = ("probs", "logits")
 _PREFIXES = ("", "net.", "model.", "module.")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def freeze(net: nn.Module) -> nn.Module:
