@@ -46,6 +46,10 @@ def main(teacher: str, out: str) -> None:
     }
     if trainer.global_rank == 0:
         Path(out).write_text(json.dumps(result))
+    dist.barrier()
+    # an un-destroyed gloo group aborts the interpreter at exit now and then
+    # ("terminate called without an active exception", exit -6)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
