@@ -7,6 +7,8 @@ Commands:
     setup                    only create/update the .venv
     fit|validate|test|predict --config recipes/X.yaml   (LightningCLI)
     export --ckpt PATH --format onnx --out DIR
+    quantize --ckpt PATH --out NEW.ckpt        post-training quantization
+    distill-cache --teacher CKPT --data-config recipes/X.yaml --out FILE
     data generate|convert|inspect ...
     submit --config recipes/X.yaml --nodes N --gpus-per-node G --time HH:MM:SS
     pipeline recipes/pipeline_X.yaml

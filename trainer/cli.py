@@ -23,24 +23,6 @@ def _lightning(argv: list[str]) -> int:
     return 0
 
 
-def _export(argv: list[str]) -> int:
-    from trainer.export.cli import main
-
-    return main(argv)
-
-
-def _data(argv: list[str]) -> int:
-    from datamodules.tools import main
-
-    return main(argv)
-
-
-def _main_job(argv: list[str]) -> int:
-    from trainer.main_job import main
-
-    return main(argv)
-
-
 def _test_suite(argv: list[str]) -> int:
     import pytest
 
@@ -57,9 +39,9 @@ def _lazy(module: str, attr: str = "main") -> Callable[[list[str]], int]:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "export": _export,
-    "data": _data,
-    "main": _main_job,
+    "export": _lazy("trainer.export.cli"),
+    "data": _lazy("datamodules.tools"),
+    "main": _lazy("trainer.main_job"),
     "setup": lambda argv: 0,
     "submit": _lazy("trainer.slurm_submit"),
     "pipeline": _lazy("trainer.pipeline"),

@@ -95,15 +95,20 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.N
 
 
 # ============================================================================ planning
-def plan_job(args: argparse.Namespace, sbatch_extra: list[str], fit_overrides: list[str]) -> dict[str, Any]:
-    """Validate everything and return the values the template needs (not yet quoted)."""
-    if args.nodes < 1:
-        raise UserError(f"submit: --nodes {args.nodes} must be >= 1")
+def _check_resources(args: argparse.Namespace) -> None:
+    """Checks shared by training and pipeline jobs: GPU count and the USR1 lead vs the time limit."""
     if args.gpus_per_node < 0:
         raise UserError(f"submit: --gpus-per-node {args.gpus_per_node} must be >= 0 (0 = CPU cluster)")
     limit_s = parse_time(args.time)
     if not 0 < args.signal_lead < limit_s:
         raise UserError(f"submit: --signal-lead {args.signal_lead}s must be > 0 and below the time limit {args.time}")
+
+
+def plan_job(args: argparse.Namespace, sbatch_extra: list[str], fit_overrides: list[str]) -> dict[str, Any]:
+    """Validate everything and return the values the template needs (not yet quoted)."""
+    if args.nodes < 1:
+        raise UserError(f"submit: --nodes {args.nodes} must be >= 1")
+    _check_resources(args)
     for cfg in args.config:
         if not Path(cfg).is_file():
             raise UserError(f"submit: recipe {cfg} does not exist")
@@ -148,11 +153,7 @@ def plan_pipeline_job(args: argparse.Namespace, sbatch_extra: list[str]) -> dict
 
     if args.nodes != 1:
         raise UserError(f"submit: --pipeline runs on one node; got --nodes {args.nodes}")
-    if args.gpus_per_node < 0:
-        raise UserError(f"submit: --gpus-per-node {args.gpus_per_node} must be >= 0 (0 = CPU cluster)")
-    limit_s = parse_time(args.time)
-    if not 0 < args.signal_lead < limit_s:
-        raise UserError(f"submit: --signal-lead {args.signal_lead}s must be > 0 and below the time limit {args.time}")
+    _check_resources(args)
     run_dir, _ = load_pipeline(args.pipeline)  # fails here, before sbatch, on a bad pipeline file
     log_dir = Path(args.log_dir or run_dir / "slurm")
     return {
