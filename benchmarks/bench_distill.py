@@ -12,8 +12,8 @@ One run, one process, everything measured here (no numbers carried over):
    (more than the students: a teacher no better than its student has nothing to teach; at
    500 steps it was 1.8 points above the student trained alone);
 3. students: a 2D U-Net (base 10, depth 3, deep supervision; 0.097x the teacher's
-   parameters), each trained ``--student-steps`` steps from the same initialisation, data
-   order and schedule (AdamW 2e-3, cosine): alone (Dice+CE); online distillation (``kd`` T=2
+   parameters), each trained ``--student-steps`` steps for each of ``--seeds`` seeds; with
+   the same seed every variant has the same initialisation, data order and schedule (AdamW 2e-3, cosine): alone (Dice+CE); online distillation (``kd`` T=2
    weight 0.5, ``kd_ds`` 0.25, FitNets hint student ``decoders.1`` -> teacher ``decoders.2``
    (1/2 resolution), affinity student ``decoders.0`` -> teacher ``decoders.1`` (1/4)); offline
    distillation (the same ``kd`` + ``kd_ds`` from a teacher-logit cache made by
@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher-steps", type=int, default=1200)
     p.add_argument("--student-steps", type=int, default=500)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train each student variant with this many seeds (init + data order); Dice is their mean")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--timing-steps", type=int, default=6, help="steps per timing fit")
     p.add_argument("--quick", action="store_true", help="tiny budget: checks the script runs, numbers meaningless")
@@ -184,17 +186,22 @@ def main(argv=None) -> int:
     wall["cache"] = time.perf_counter() - start
 
     runs = {
-        "student alone": [],
-        "student + online distillation": [Distillation(teacher=str(teacher_ckpt), **ONLINE)],
-        "student + offline distillation": [Distillation(cache=str(cache), **OFFLINE)],
+        "student alone": lambda: [],
+        "student + online distillation": lambda: [Distillation(teacher=str(teacher_ckpt), **ONLINE)],
+        "student + offline distillation": lambda: [Distillation(cache=str(cache), **OFFLINE)],
     }
-    for name, callbacks in runs.items():
-        log(f"{name}: {args.student_steps} steps")
-        pl.seed_everything(0, verbose=False)
-        student = make_module(STUDENT_NET, args.student_steps, seed=1)
-        wall[name] = fit(student, dm, tmp, args.student_steps, callbacks)
-        results[name] = dice(student, dm, tmp)
-        log(f"{name}: Dice {results[name]['dice']:.4f}")
+    seeds, per_seed = range(1, args.seeds + 1), {name: [] for name in runs}
+    for seed in seeds:  # seed-major, so a drift in machine load hits every variant alike
+        for name, callbacks in runs.items():
+            log(f"{name}, seed {seed}: {args.student_steps} steps")
+            pl.seed_everything(seed, verbose=False)
+            student = make_module(STUDENT_NET, args.student_steps, seed=seed)
+            wall[name] = wall.get(name, 0.0) + fit(student, dm, tmp, args.student_steps, callbacks()) / len(seeds)
+            per_seed[name].append(dice(student, dm, tmp))
+            log(f"{name}, seed {seed}: Dice {per_seed[name][-1]['dice']:.4f}")
+    for name, runs_dice in per_seed.items():
+        results[name] = {k: statistics.mean(r[k] for r in runs_dice) for k in runs_dice[0]}
+        results[name]["seeds"] = [r["dice"] for r in runs_dice]
 
     log("interleaved step timing")
     steps = step_times(dm, tmp, teacher_ckpt, cache, args.repeats, args.timing_steps)
@@ -214,10 +221,12 @@ def _arch(net: dict) -> str:
 
 def render(args, results, wall, steps, n_teacher, n_student) -> str:
     classes = [k for k in results["teacher"] if k != "dice"]
+    alone_seeds = results["student alone"]["seeds"]
     t = results["teacher"]["dice"]
     rows = [
-        f"| model | params | val Dice | Dice - teacher | {' | '.join(classes)} | train wall (s) |",
-        f"|---|---:|---:|---:|{'---:|' * len(classes)}---:|",
+        f"| model | params | val Dice | Dice - teacher | {' | '.join(classes)} | Dice per seed | vs alone, paired by seed "
+        "| train wall (s) |",
+        f"|---|---:|---:|---:|{'---:|' * len(classes)}---|---|---:|",
     ]
     names = ("teacher", "student alone", "student + online distillation", "student + offline distillation")
     for name in names:
@@ -226,11 +235,17 @@ def render(args, results, wall, steps, n_teacher, n_student) -> str:
         d = results[name]["dice"]
         delta = "-" if name == "teacher" else f"{100 * (d - t):+.2f} pt"
         per_class = " | ".join(f"{results[name][c]:.3f}" for c in classes)
-        rows.append(f"| {name} (U-Net {arch}) | {n:,} | {d:.4f} | {delta} | {per_class} | {wall[name]:.0f} |")
+        seeds = results[name].get("seeds", [])
+        paired = [100 * (a - b) for a, b in zip(seeds, alone_seeds)]
+        vs_alone = (f"{statistics.mean(paired):+.2f} pt (min {min(paired):+.2f}, max {max(paired):+.2f})"
+                    if paired and name != "student alone" else "-")
+        rows.append(f"| {name} (U-Net {arch}) | {n:,} | {d:.4f} | {delta} | {per_class} | "
+                    f"{' '.join(f'{x:.4f}' for x in seeds) or '-'} | {vs_alone} | {wall[name]:.0f} |")
     rows += [
         "",
         f"Parameter ratio student/teacher: {n_student / n_teacher:.3f}. Teacher {args.teacher_steps} steps, "
-        f"students {args.student_steps} steps each (batch 8, 64x64), {args.threads} torch thread(s). "
+        f"students {args.student_steps} steps each (batch 8, 64x64), {args.seeds} seed(s) per student variant "
+        f"(Dice and wall time: their mean), {args.threads} torch thread(s). "
         f"Teacher-logit cache: {wall['cache']:.0f} s.",
         "",
         "| step (median of interleaved repeats) | ms | ratio to student alone |",

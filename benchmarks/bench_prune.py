@@ -87,9 +87,14 @@ def trainer(root: Path, epochs: int, callbacks=()) -> pl.Trainer:
                       num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=12.0, default_root_dir=root)
 
 
-def validate(module: SegmentationModule, args) -> float:
+def validate(module: SegmentationModule, args) -> dict[str, float]:
+    """Validation metrics: ``val/dice`` (mean foreground) and ``val/dice_<class>``."""
     tr = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    return float(tr.validate(module, datamodule=datamodule(args), verbose=False)[0]["val/dice"])
+    return {k: float(v) for k, v in tr.validate(module, datamodule=datamodule(args), verbose=False)[0].items()}
+
+
+def per_class(metrics: dict[str, float]) -> str:
+    return " / ".join(f"{v:.2f}" for k, v in metrics.items() if k.startswith("val/dice_"))
 
 
 def save_framework_checkpoint(module: SegmentationModule, net_kwargs: dict, path: Path) -> Path:
@@ -105,7 +110,7 @@ def teacher_checkpoint(args, work: Path) -> tuple[Path, dict, float]:
 
         run = restore_run(args.teacher, with_data=False)
         kwargs = dict(run.checkpoint["hyper_parameters"]["net"]["init_args"])
-        return Path(args.teacher), kwargs, validate(run.module, args)
+        return Path(args.teacher), kwargs, validate(run.module, args)["val/dice"]
     kwargs = dict(spatial_dims=2, in_channels=1, num_classes=5, depth=args.depth, base_channels=args.base,
                   norm="batch", deep_supervision=True, ds_levels=2)
     pl.seed_everything(0, verbose=False)
@@ -113,7 +118,7 @@ def teacher_checkpoint(args, work: Path) -> tuple[Path, dict, float]:
     t0 = time.time()
     tr = trainer(work / "teacher", args.teacher_epochs)
     tr.fit(module, datamodule=datamodule(args))
-    dice = validate(module, args)
+    dice = validate(module, args)["val/dice"]
     print(f"teacher trained in {time.time() - t0:.0f} s, val Dice {dice:.4f}", flush=True)
     return save_framework_checkpoint(module, kwargs, work / "teacher.ckpt"), kwargs, dice
 
@@ -135,9 +140,10 @@ def retrain(args, teacher: Path, kwargs: dict, keep: float, work: Path) -> tuple
     t0 = time.time()
     tr = trainer(work / f"keep{keep}", epochs, callbacks)
     tr.fit(module, datamodule=datamodule(args))
-    dice = validate(module, args)
-    print(f"keep {keep}: retrained {epochs} epochs in {time.time() - t0:.0f} s, val Dice {dice:.4f}", flush=True)
-    return module.net.eval(), dice, time.time() - t0
+    metrics = validate(module, args)
+    print(f"keep {keep}: retrained {epochs} epochs in {time.time() - t0:.0f} s, val Dice {metrics['val/dice']:.4f} "
+          f"({per_class(metrics)})", flush=True)
+    return module.net.eval(), metrics, time.time() - t0
 
 
 def time_models(nets: dict[float, torch.nn.Module], size: int, repeats: int, work: Path) -> dict[tuple[float, str], float]:
@@ -182,24 +188,28 @@ def main(argv=None) -> int:
     size = args.latency_size
     base = {"params": count_params(nets[1.0]), "macs": count_macs(nets[1.0], torch.zeros(1, 1, size, size))}
     rows = []
-    for keep, (net, dice, _) in results.items():
+    for keep, (net, metrics, _) in results.items():
+        dice = metrics["val/dice"]
         chans = sum(c for n, c in out_channels(net).items() if not n.startswith(("head", "ds_heads")))
         chans0 = sum(c for n, c in out_channels(nets[1.0]).items() if not n.startswith(("head", "ds_heads")))
         params, macs = count_params(net), count_macs(net, torch.zeros(1, 1, size, size))
         rows.append({
             "keep": keep, "channels": chans / chans0, "params": params, "params_x": params / base["params"],
-            "macs": macs, "macs_x": macs / base["macs"], "dice": dice, "ddice": dice - results[1.0][1],
+            "macs": macs, "macs_x": macs / base["macs"], "dice": dice, "ddice": dice - results[1.0][1]["val/dice"],
+            "classes": per_class(metrics),
             "eager": ms[keep, "eager"], "eager_x": ms[1.0, "eager"] / ms[keep, "eager"],
             "ort": ms[keep, "ort"], "ort_x": ms[1.0, "ort"] / ms[keep, "ort"],
         })
+    names = " / ".join(k.removeprefix("val/dice_") for k in results[1.0][1] if k.startswith("val/dice_"))
     lines = [
-        "| channels kept (target) | kept (actual) | params | MACs | val Dice | Δ Dice vs 1.0 | eager ms | eager speed-up | ORT ms | ORT speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| channels kept (target) | kept (actual) | params | MACs | val Dice | Δ Dice vs 1.0 | Dice {names} | eager ms | "
+        "eager speed-up | ORT ms | ORT speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['keep']:.2f} | {r['channels']:.3f} | {r['params']:,} ({r['params_x']:.2f}x) | {r['macs'] / 1e9:.2f} G "
-            f"({r['macs_x']:.2f}x) | {r['dice']:.4f} | {r['ddice']:+.4f} | {r['eager']:.1f} | {r['eager_x']:.2f}x | "
+            f"({r['macs_x']:.2f}x) | {r['dice']:.4f} | {r['ddice']:+.4f} | {r['classes']} | {r['eager']:.1f} | {r['eager_x']:.2f}x | "
             f"{r['ort']:.1f} | {r['ort_x']:.2f}x |"
         )
     half = next(r for r in rows if r["keep"] == 0.5)

@@ -33,13 +33,32 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def _demote(text: str) -> str:
+    """Headings inside a benchmark's own write-up go two levels under its section."""
+    return "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines()) + "\n"
+
+
+def _read_sections(path: Path) -> dict[str, str]:
+    """The sections of an earlier RESULTS.md, keyed by benchmark title."""
+    if not path.exists():
+        return {}
+    sections = {}
+    for chunk in path.read_text().split("\n## ")[1:]:
+        title = chunk.split("\n", 1)[0].strip()
+        if title in BENCHMARKS:
+            sections[title] = "## " + chunk.rstrip("\n") + "\n"
+    return sections
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/RESULTS.md")
     parser.add_argument("--only", nargs="*", help="run only benchmarks whose title contains one of these words")
     parser.add_argument("--quick", action="store_true", help="tiny budgets where a benchmark has them (checks only)")
     args = parser.parse_args()
-    sections = [f"# Benchmarks\n\nMachine: {machine()}. Ratios come from interleaved runs within one process.\n"]
+    out = Path(args.out)
+    sections = _read_sections(out)  # a partial run (--only) replaces its own sections only
+    sections["header"] = f"# Benchmarks\n\nMachine: {machine()}. Ratios come from interleaved runs within one process.\n"
     for title, cmd in BENCHMARKS.items():
         if args.only and not any(w in title for w in args.only):
             continue
@@ -50,10 +69,14 @@ def main() -> int:
             start = time.perf_counter()
             done = subprocess.run([sys.executable, *full], cwd=ROOT)
             took = time.perf_counter() - start
-            body = table.read_text() if done.returncode == 0 and table.exists() else f"FAILED (exit {done.returncode})\n"
-        sections.append(f"## {title}\n\n`python {shlex.join(full[:-2])}` ({took / 60:.1f} min)\n\n{body}")
-    Path(args.out).write_text("\n".join(sections))
-    print(f"wrote {args.out}")
+            body = _demote(table.read_text()) if done.returncode == 0 and table.exists() else f"FAILED (exit {done.returncode})\n"
+        stamp = time.strftime("%Y-%m-%d")
+        sections[title] = f"## {title}\n\n`python {shlex.join(full[:-2])}` ({took / 60:.1f} min, {stamp})\n\n{body}"
+    ordered = [sections["header"]] + [sections[t] for t in BENCHMARKS if t in sections]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(ordered))
+    tmp.replace(out)
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """``python3 launch.py main``: the demo job, as the commands a user would type.
 
 Runs the 2D pipeline on phantom data (generated on first use): train a teacher U-Net,
-distill a student with ~1/12 of its parameters, prune half of the student's channels,
+distill a student with 1/3 of its parameters, prune half of the student's channels (1/12 left),
 fine-tune it quantization-aware, export and verify every stage's artifacts, then print the
 compression report and where the ONNX/INT8 artifacts and plots are. Rerunning it resumes
 or skips finished stages.

@@ -30,6 +30,7 @@ import hashlib
 import json
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -237,6 +238,7 @@ class Requeued(Exception):
 
 
 _child: list[subprocess.Popen] = []
+_stopped: list[int] = []  # a stop signal (outside SLURM) that the pipeline passed on to its stage
 
 
 def _forward_signal(signum: int, frame: Any) -> None:
@@ -250,14 +252,27 @@ def _forward_signal(signum: int, frame: Any) -> None:
             proc.send_signal(signum)
 
 
-def _install_slurm_forwarding() -> None:
-    import signal
+def _stop_signal(signum: int, frame: Any) -> None:
+    # Outside SLURM, `kill PIPELINE_PID` (or a closed terminal) must not orphan the running
+    # stage: pass SIGTERM on, let _launch wait for the stage to exit and then stop the pipeline.
+    # Between stages there is no child: stop at once (the next run resumes or skips).
+    _stopped.append(signum)
+    live = [proc for proc in _child if proc.poll() is None]
+    if not live:
+        raise UserError(f"stopped by signal {signum} between stages; run the pipeline again to resume")
+    for proc in live:
+        proc.send_signal(signal.SIGTERM)
 
+
+def _install_signal_forwarding() -> None:
     from trainer.requeue_signals import REQUEUE_SIGNALS, under_slurm_job
 
     if under_slurm_job():
         for sig in REQUEUE_SIGNALS:
             signal.signal(sig, _forward_signal)
+    else:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stop_signal)
 
 
 def _check_requeue(where: str) -> None:
@@ -281,6 +296,9 @@ def _launch(title: str, args: list[str]) -> None:
 
     if received() is not None and args[0] == "fit":
         raise Requeued(title)  # the stage saved a checkpoint and requeued the job itself
+    if _stopped:
+        raise UserError(f"[{title}] stopped by signal {_stopped[0]} (passed on to the stage, which exited "
+                        f"with code {code}); run the pipeline again to resume")
     if code != 0:
         raise UserError(f"[{title}] failed with exit code {code}: python launch.py {shlex.join(args)}")
 
@@ -306,7 +324,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-report", action="store_true", help="skip the compression report at the end")
     args = parser.parse_args(argv)
     run_dir, stages = load_pipeline(args.pipeline)
-    _install_slurm_forwarding()
+    _install_signal_forwarding()
     try:
         Runner(run_dir, stages, args.rerun_changed).run()
     except Requeued as where:

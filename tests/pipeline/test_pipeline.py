@@ -1,6 +1,7 @@
 """launch.py pipeline / report end to end on tiny stages, including a kill and a resume."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -70,9 +71,18 @@ def test_pipeline_runs_resumes_after_kill_skips_and_refuses_changes(tmp_path, su
     deadline = time.time() + 240
     while not last.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # SIGTERM to the pipeline process alone (not its group): it must stop its stage too
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        out = proc.communicate(timeout=120)[0].decode()
+        stage_cmd = str(run_dir / "teacher" / "recipe.yaml")
+        orphans = [p for p in Path("/proc").glob("[0-9]*") if stage_cmd in _cmdline(p)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # safety net: a failure leaves nothing running
+            os.killpg(proc.pid, signal.SIGKILL)
     assert last.exists(), "the teacher stage never wrote a checkpoint"
+    assert proc.returncode == 2 and "stopped by signal 15" in out, out[-2000:]
+    assert not orphans, f"the stage outlived the pipeline: {orphans}"
     assert not json.loads((run_dir / "teacher" / "stage.json").read_text())["complete"]
     # 2) run again: the teacher resumes from its last checkpoint, then the student runs
     out = launch(["pipeline", str(path)], subprocess_env).stdout
@@ -97,6 +107,13 @@ def test_pipeline_runs_resumes_after_kill_skips_and_refuses_changes(tmp_path, su
     assert proc.returncode == 2 and "stage 'student'" in proc.stderr and "--rerun-changed" in proc.stderr
     out = launch(["pipeline", str(path), "--no-report", "--rerun-changed"], subprocess_env).stdout
     assert "teacher: complete, skipped" in out and "student: train" in out
+
+
+def _cmdline(proc_dir: Path) -> str:
+    try:
+        return (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_submit_pipeline_dry_run_quotes_and_validates(tmp_path, subprocess_env):
