@@ -180,7 +180,9 @@ def write_report(run_dir: str | Path, max_batches: int = 8, wandb_project: str |
     (run_dir / "report.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "goals": goals}, indent=1,
                                                     default=float))
     plot_tradeoff(rows, run_dir / "report.png")
-    plot_qualitative(views[0][1], views[-1][1], views[0][0], views[-1][0], run_dir / "qualitative.png")
+    # teacher next to the stage of the deployable artifact (``final``), else the last stage
+    shown = next((v for v in views if final and v[0] == final.split("/")[0]), views[-1])
+    plot_qualitative(views[0][1], shown[1], views[0][0], shown[0], run_dir / "qualitative.png")
     if wandb_project:
         _log_wandb(run_dir, rows, wandb_project)
     print("\n" + md)

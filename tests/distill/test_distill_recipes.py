@@ -38,8 +38,9 @@ def _tiny_variant(tmp_path, dims: int, teacher) -> dict:
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_distillation_recipe_runs_and_its_student_restores(tmp_path, one_thread_env, dims):
-    net = yaml.safe_load((ROOT / f"recipes/distill_unet{dims}d.yaml").read_text())["model"]["net"]["init_args"]
-    teacher_net = {**net, "base_channels": 4}  # same depth and layers as the recipe's teacher, tiny
+    recipe = yaml.safe_load((ROOT / f"recipes/distill_unet{dims}d.yaml").read_text())
+    net = yaml.safe_load((ROOT / f"recipes/unet{dims}d_phantom.yaml").read_text())["model"]["net"]["init_args"]
+    teacher_net = {**net, "base_channels": 4}  # the recipe's teacher (its layers and depth), tiny
     teacher = framework_checkpoint(tmp_path / "teacher.ckpt", **teacher_net)
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(_tiny_variant(tmp_path, dims, teacher)))
@@ -49,7 +50,8 @@ def test_distillation_recipe_runs_and_its_student_restores(tmp_path, one_thread_
     ckpt_path = tmp_path / "ckpt" / "last.ckpt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     assert ckpt["callbacks"]["Distillation"]["teachers"][0]["path"] == str(teacher)
-    assert set(ckpt["callbacks"]["Distillation"]["adapters"]) == {"feat_decoders_1"}
+    features = recipe["trainer"]["callbacks"][-1]["init_args"]["features"]
+    assert set(ckpt["callbacks"]["Distillation"]["adapters"]) == {f"feat_{f['student'].replace('.', '_')}" for f in features}
     from trainer.restore import restore_run
 
     run = restore_run(ckpt_path, with_data=False)
