@@ -144,9 +144,9 @@ def step_times(dm, tmp, teacher_ckpt, cache, repeats: int, steps: int) -> dict[s
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher-steps", type=int, default=1200)
-    p.add_argument("--student-steps", type=int, default=500)
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--teacher-steps", type=int, default=2400)
+    p.add_argument("--student-steps", type=int, default=1500)
+    p.add_argument("--seeds", type=int, default=3,
                    help="train each student variant with this many seeds (init + data order); Dice is their mean")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--timing-steps", type=int, default=6, help="steps per timing fit")
