@@ -84,10 +84,11 @@ def cosine(epochs):
 
 
 def trainer(root: Path, epochs: int, callbacks=()) -> pl.Trainer:
-    # No validation during fit (time): Dice is measured once at the end with trainer.validate.
+    # Validation after every epoch feeds the per-round table of PruneRetrain; the Dice in the
+    # main table is measured once at the end with trainer.validate.
     return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=list(callbacks), logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=12.0, default_root_dir=root)
+                      num_sanity_val_steps=0, gradient_clip_val=12.0, default_root_dir=root)
 
 
 def validate(module: SegmentationModule, args) -> dict[str, float]:
@@ -126,7 +127,8 @@ def teacher_checkpoint(args, work: Path) -> tuple[Path, dict, float]:
     return save_framework_checkpoint(module, kwargs, work / "teacher.ckpt"), kwargs, dice
 
 
-def retrain(args, teacher: Path, kwargs: dict, keep: float, work: Path) -> tuple[torch.nn.Module, float, float]:
+def retrain(args, teacher: Path, kwargs: dict, keep: float, work: Path) -> tuple[torch.nn.Module, dict, str]:
+    """Returns the retrained net, its validation metrics and PruneRetrain's per-round table."""
     pl.seed_everything(0, verbose=False)
     epochs = args.rounds * args.epochs_per_round
     # Pruned rows rewind the LR at each round (a fresh cosine over the round's epochs): a round
@@ -146,7 +148,8 @@ def retrain(args, teacher: Path, kwargs: dict, keep: float, work: Path) -> tuple
     metrics = validate(module, args)
     print(f"keep {keep}: retrained {epochs} epochs in {time.time() - t0:.0f} s, val Dice {metrics['val/dice']:.4f} "
           f"({per_class(metrics)})", flush=True)
-    return module.net.eval(), metrics, time.time() - t0
+    rounds = work / f"keep{keep}" / "prune_rounds.md"
+    return module.net.eval(), metrics, rounds.read_text() if rounds.exists() else ""
 
 
 def time_models(nets: dict[float, torch.nn.Module], size: int, repeats: int, work: Path) -> dict[tuple[float, str], float]:
@@ -223,6 +226,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     elapsed = time.time() - started
     print("\n" + table + "\n\n" + verdict)
+    verdict += f"\n\nPruneRetrain's per-round table of the 0.5 row (val Dice after each round's retraining):\n\n{results[0.5][2]}"
     write_readme(Path(args.out), command, args, kwargs, table, verdict, teacher_dice, elapsed)
     print(f"\nwritten to {args.out} ({elapsed:.0f} s in all)")
     return 0

@@ -77,8 +77,12 @@ def test_rounds_prune_retrain_and_write_the_table(tmp_path):
     assert [r["round"] for r in cb.rows] == [0, 1, 2] and cb.rows[-1]["channels_fraction"] == pytest.approx(0.5)
     assert cb.rows[0]["params"] > 3 * cb.rows[-1]["params"] and cb.rows[0]["macs"] > 3 * cb.rows[-1]["macs"]
     assert all(r["dice"] == r["dice"] for r in cb.rows)  # Dice measured (not NaN) for every row
+    classes = [k for k in cb.rows[-1] if k.startswith("dice_")]  # per class too: a round can wipe out one
+    assert len(classes) == 2 and all(r[k] == r[k] for r in cb.rows for k in classes)
     table = (tmp_path / "prune_rounds.md").read_text()
     assert "| 2 | 2 | 0.5000 |" in table and (tmp_path / "prune_rounds.csv").exists()
+    assert all(f"Dice {k.removeprefix('dice_')}" in table for k in classes)
+    assert classes[0] in (tmp_path / "prune_rounds.csv").read_text().splitlines()[0]
     # the optimizer holds the new parameters and its Adam moments were cut to the kept channels
     for epoch in (1, 2):
         assert after.seen[epoch]["same_params"] and after.seen[epoch]["state_fits"]

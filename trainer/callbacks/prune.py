@@ -162,7 +162,7 @@ class PruneRetrain(pl.Callback):
         # schedule position and results: in the checkpoint
         self.rounds_done = 0
         self.rows: list[dict[str, Any]] = []
-        self._baseline_dice = float("nan")
+        self._baseline: dict[str, float] = {"dice": float("nan")}  # val Dice before round 1
         self._outputs: list[str] | None = None
 
     # ------------------------------------------------------------------ public API
@@ -184,7 +184,7 @@ class PruneRetrain(pl.Callback):
                             "only at epoch 0 (rounds: 1, start_epoch: 0)")
         index, ratio = self.rounds_done, self.ratios[self.rounds_done]
         if index == 0:
-            self._add_row(trainer, pl_module, 0, self._baseline_dice, epoch=trainer.current_epoch - 1)
+            self._add_row(trainer, pl_module, 0, self._baseline, epoch=trainer.current_epoch - 1)
         before = snapshot(trainer, pl_module) if optimizers_exist else None
         plan = None
         if self.method == "structured":
@@ -241,21 +241,21 @@ class PruneRetrain(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        dice = self._dice(trainer)
+        dice = self._scores(trainer)
         if self.rounds_done == 0 and trainer.current_epoch == self.schedule.start_epoch - 1:
-            self._baseline_dice = dice
+            self._baseline = dice
         elif self.rounds_done > 0 and trainer.current_epoch == self.schedule.last_epoch_of(self.rounds_done - 1):
             self._add_row(trainer, pl_module, self.rounds_done, dice)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Epochs without validation still get their row (Dice from the last validation, if any).
         if self.rounds_done > 0 and trainer.current_epoch == self.schedule.last_epoch_of(self.rounds_done - 1):
-            self._add_row(trainer, pl_module, self.rounds_done, self._dice(trainer))
+            self._add_row(trainer, pl_module, self.rounds_done, self._scores(trainer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A last row after fine-tuning epochs that follow the last round (or an interrupted one).
         if self.rounds_done > 0:
-            self._add_row(trainer, pl_module, self.rounds_done, self._dice(trainer), epoch=trainer.current_epoch - 1)
+            self._add_row(trainer, pl_module, self.rounds_done, self._scores(trainer), epoch=trainer.current_epoch - 1)
         if self.method == "unstructured" and self.make_permanent:
             sparsity.make_permanent(self._net(pl_module))
 
@@ -263,7 +263,7 @@ class PruneRetrain(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "method": self.method, "rounds_done": self.rounds_done,
                 "rounds": self.schedule.rounds, "target_ratio": self.schedule.target, "rows": [dict(r) for r in self.rows],
-                "baseline_dice": self._baseline_dice}
+                "baseline": dict(self._baseline)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") != STATE_VERSION:
@@ -276,7 +276,7 @@ class PruneRetrain(pl.Callback):
                             f"has only rounds={self.schedule.rounds}")
         self.rounds_done = int(state_dict["rounds_done"])
         self.rows = [dict(r) for r in state_dict.get("rows", [])]
-        self._baseline_dice = float(state_dict.get("baseline_dice", float("nan")))
+        self._baseline = dict(state_dict.get("baseline", {"dice": state_dict.get("baseline_dice", float("nan"))}))
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -378,11 +378,14 @@ class PruneRetrain(pl.Callback):
         return measure(net, self._measure_shape(trainer, net), protected=self._protected_and_outputs(net))
 
     @staticmethod
-    def _dice(trainer: pl.Trainer) -> float:
-        value = trainer.callback_metrics.get("val/dice")
-        return float(value) if value is not None else float("nan")
+    def _scores(trainer: pl.Trainer) -> dict[str, float]:
+        """The last validation's mean Dice and Dice per class (``dice``, ``dice_<class>``):
+        per class, because a round can wipe out one small structure while the mean moves little."""
+        scores = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items()
+                  if k == "val/dice" or k.startswith("val/dice_")}
+        return {"dice": float("nan"), **scores}
 
-    def _add_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round_index: int, dice: float,
+    def _add_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round_index: int, scores: dict[str, float],
                  epoch: int | None = None) -> None:
         """One table row: the network after ``round_index`` rounds, trained up to ``epoch``
         (the last completed epoch; -1: before any training of this run)."""
@@ -392,7 +395,7 @@ class PruneRetrain(pl.Callback):
         net = self._net(pl_module)
         row = {"round": round_index, "epoch": epoch,
                "ratio": 0.0 if round_index == 0 else self.ratios[round_index - 1],
-               **self._measure(trainer, net), "dice": dice}
+               **self._measure(trainer, net), **scores}
         self.rows.append(row)
         metrics = {f"prune/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and not
                    (isinstance(v, float) and math.isnan(v))}
