@@ -167,10 +167,39 @@ def test_prune_then_qat_in_one_run_and_resume(tmp_path):
     # resume: QAT's setup quantizes the fresh net, then the history replays prune -> quantize
     _, resumed = _fit(tmp_path / "r", callbacks(), max_epochs=2, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
     assert conv_out_channels(resumed.net)["encoders.1.0"] == 8
-    with pytest.raises(UserError, match="pruning can only happen at epoch 0"):
+    with pytest.raises(UserError, match=r"rounds are scheduled at epochs \[1\].*start_epoch: 0"):
         _fit(tmp_path / "e", [PruneRetrain(rounds=2, epochs_per_round=1), QuantizationAwareTraining(calib_batches=1)], max_epochs=1)
     with pytest.raises(UserError, match="must come before QuantizationAwareTraining"):
         _fit(tmp_path / "o", [QuantizationAwareTraining(calib_batches=1), PruneRetrain(rounds=1)], max_epochs=1)
+
+
+def test_iterative_rounds_then_qat_from_its_start_epoch_in_one_run_resume_exactly(tmp_path):
+    from trainer.callbacks.qat import QuantizationAwareTraining
+    from trainer.quant.modules import QuantLayer
+
+    def callbacks(probe=None):  # rounds at epochs 0 and 1, QAT from epoch 2
+        return [PruneRetrain(target_ratio=0.5, rounds=2, epochs_per_round=1, round_to=2),
+                QuantizationAwareTraining(calibration="max", calib_batches=1, start_epoch=2, freeze_bn_epoch=3),
+                RNGState(), *([probe] if probe else [])]
+
+    probe = StateProbe()
+    _, full = _fit(tmp_path, callbacks(probe), max_epochs=4, checkpoints=True)
+    net = full.net
+    assert conv_out_channels(net)["encoders.1.0"] == 8 and isinstance(net.encoders[1][0], QuantLayer)
+    assert net.encoders[1][0].weight_quant.scale.shape[0] == 8
+    assert [e["converter"].rsplit(".", 1)[1] for e in history(net)] == ["StructuredPrune", "StructuredPrune",
+                                                                       "FakeQuantConversion"]
+    assert probe.seen[2]["same_params"] and probe.seen[2]["state_fits"]  # optimizer rebuilt around the quantized net
+    want = _weights(full)
+    # epoch=1: pruned twice, still float (QAT converts on resume at epoch 2); epoch=2: quantized
+    for ckpt in ("epoch=1.ckpt", "epoch=2.ckpt"):
+        _, resumed = _fit(tmp_path / ckpt, callbacks(), max_epochs=4, ckpt_path=tmp_path / "ckpt" / ckpt)
+        got = _weights(resumed)
+        assert got.keys() == want.keys(), f"resumed from {ckpt}: {sorted(set(got) ^ set(want))[:4]}"
+        diff = [k for k in want if not torch.equal(got[k], want[k])]
+        assert not diff, f"resumed from {ckpt}: {diff[:5]} differ"
+    with pytest.raises(UserError, match="freeze_bn_epoch=1 is before start_epoch=2"):
+        QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=1)
 
 
 def test_distillation_from_the_unpruned_model_during_retraining(tmp_path):

@@ -34,9 +34,9 @@ loaded; this callback's ``state_dict`` holds the schedule position (rounds done)
 table. A run killed mid-round continues exactly.
 
 Composition (order in ``trainer.callbacks``): ``PruneRetrain`` first, then
-``QuantizationAwareTraining`` (it quantizes at fit start, so with QAT in the same run only a
-round at epoch 0 is possible: ``rounds: 1, start_epoch: 0``; for iterative rounds run QAT
-afterwards with ``init_from`` this run's checkpoint), then ``Distillation`` (logit KD from the
+``QuantizationAwareTraining`` (rounds must happen at or before its ``start_epoch``: e.g.
+rounds at epochs 0 and 2 with ``epochs_per_round: 2``, QAT ``start_epoch: 4`` fine-tunes the
+pruned net quantized from epoch 4 on, in one run), then ``Distillation`` (logit KD from the
 unpruned model: give it ``teacher:`` the same checkpoint as ``model.init_from``).
 
 Recipe::
@@ -180,8 +180,8 @@ class PruneRetrain(pl.Callback):
         net = self._net(pl_module)
         if _is_quantized(net):
             raise UserError("PruneRetrain: the network is already quantized; list PruneRetrain before "
-                            "QuantizationAwareTraining in trainer.callbacks, and with QAT in the same run prune "
-                            "only at epoch 0 (rounds: 1, start_epoch: 0)")
+                            "QuantizationAwareTraining in trainer.callbacks, and give QAT a start_epoch at or "
+                            "after the last round")
         index, ratio = self.rounds_done, self.ratios[self.rounds_done]
         if index == 0:
             self._add_row(trainer, pl_module, 0, self._baseline, epoch=trainer.current_epoch - 1)
@@ -307,12 +307,16 @@ class PruneRetrain(pl.Callback):
         if _is_quantized(net) or (qat and qat[0] < mine):
             raise UserError("PruneRetrain must come before QuantizationAwareTraining in trainer.callbacks "
                             "(the quantized layers cannot lose channels)")
-        later = [self.schedule.epoch_of(i) for i in range(self.rounds_done, self.schedule.rounds) if self.schedule.epoch_of(i) > 0]
-        if qat and later:
+        if not qat:
+            return
+        # PruneRetrain's hooks run first, so a round at QAT's start epoch still prunes a float net
+        qat_start = getattr(callbacks[qat[0]], "start_epoch", 0)
+        later = [e for e in (self.schedule.epoch_of(i) for i in range(self.rounds_done, self.schedule.rounds)) if e > qat_start]
+        if later:
             raise UserError(
-                f"PruneRetrain: with QuantizationAwareTraining in the same run, pruning can only happen at epoch 0 "
-                f"(QAT quantizes at fit start), but rounds are scheduled at epochs {later}; set rounds: 1 and "
-                "start_epoch: 0, or run the prune-retrain loop first and QAT with init_from its checkpoint")
+                f"PruneRetrain: rounds are scheduled at epochs {later}, after QuantizationAwareTraining converts the "
+                f"net (its start_epoch: {qat_start}); set QuantizationAwareTraining.start_epoch to the last round's "
+                f"epoch ({self.schedule.epoch_of(self.schedule.rounds - 1)}) or later")
 
     def _protected_and_outputs(self, net: nn.Module) -> list[str]:
         if self._outputs is None:

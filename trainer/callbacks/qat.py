@@ -2,8 +2,8 @@
 
 What happens when (``fit`` only):
 
-* ``setup``: turn every supported layer of ``pl_module.net`` into its quantized class in
-  place (``trainer.quant.modules``). To start from a trained model, give the model
+* ``setup`` (``start_epoch: 0``, the default): turn every supported layer of ``pl_module.net``
+  into its quantized class in place (``trainer.quant.modules``). To start from a trained model, give the model
   ``init_from: CKPT`` (``SegmentationModule``: loads the network, replaying its structural
   history, e.g. pruning, in ``__init__``, before any callback). This runs before the
   optimizer is built, so learnable scales are optimized, and after callbacks listed earlier
@@ -15,6 +15,11 @@ What happens when (``fit`` only):
   ``setup``: a pruned-then-quantized run must then find the pruning first), and calibrate
   the scales on ``calib_batches`` training batches (skipped when the checkpoint's scales
   were restored).
+* ``start_epoch: N > 0``: the same conversion and calibration at the start of epoch ``N``,
+  then DDP, optimizers and schedulers are rebuilt around the quantized net (state carried
+  over by parameter name, as after a pruning round): QAT after the rounds of a
+  ``PruneRetrain`` listed before this callback, in one run. A checkpoint from before epoch
+  ``N`` resumes float and converts at ``N``; one from after replays the conversion.
 * each epoch start: from ``freeze_bn_epoch`` on, BatchNorm layers run on their running
   statistics (eval mode) and stop updating them; from ``freeze_ranges_epoch`` on, the
   scales are fixed (learnable scales get no gradient; otherwise the weight ranges stop
@@ -82,6 +87,8 @@ class QuantizationAwareTraining(pl.Callback):
             ``["head"]``. Each must exist. Default none.
         on_unsupported: a layer with parameters that cannot be quantized: ``"error"``
             (default) or ``"warn"`` (left in float).
+        start_epoch: epoch at whose start the net is converted and calibrated. Default 0
+            (in ``setup``, before the optimizer exists); later: after pruning rounds.
 
     A net that arrives already quantized (``model.init_from`` a PTQ/QAT checkpoint, or a
     second ``fit`` in one process) keeps its scales: no conversion, no calibration.
@@ -98,6 +105,7 @@ class QuantizationAwareTraining(pl.Callback):
         freeze_ranges_epoch: int | None = None,
         skip_modules: list[str] | None = None,
         on_unsupported: Literal["error", "warn"] = "error",
+        start_epoch: int = 0,
     ):
         if calibration not in METHODS:
             raise UserError(f"QuantizationAwareTraining: calibration={calibration!r} must be one of {', '.join(METHODS)}")
@@ -109,6 +117,13 @@ class QuantizationAwareTraining(pl.Callback):
             raise UserError(f"QuantizationAwareTraining: histogram_bins={histogram_bins!r} must be an integer >= 16")
         _check_epoch("freeze_bn_epoch", freeze_bn_epoch)
         _check_epoch("freeze_ranges_epoch", freeze_ranges_epoch)
+        _check_epoch("start_epoch", start_epoch)
+        if start_epoch is None:
+            raise UserError("QuantizationAwareTraining: start_epoch=None must be an epoch number >= 0")
+        for name, value in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_ranges_epoch", freeze_ranges_epoch)):
+            if value is not None and value < start_epoch:
+                raise UserError(f"QuantizationAwareTraining: {name}={value} is before start_epoch={start_epoch}; "
+                                "freezing starts at or after the conversion")
         if on_unsupported not in ON_UNSUPPORTED:
             raise UserError(f"QuantizationAwareTraining: on_unsupported={on_unsupported!r} must be one of {', '.join(ON_UNSUPPORTED)}")
         if skip_modules is not None and (isinstance(skip_modules, str) or not all(isinstance(s, str) for s in skip_modules)):
@@ -122,6 +137,7 @@ class QuantizationAwareTraining(pl.Callback):
         self.freeze_ranges_epoch = freeze_ranges_epoch
         self.skip_modules = list(skip_modules or [])
         self.on_unsupported = on_unsupported
+        self.start_epoch = start_epoch
         # schedule position and flags: saved in the checkpoint
         self.calibrated = False
         self.bn_frozen = False
@@ -141,12 +157,17 @@ class QuantizationAwareTraining(pl.Callback):
             self._pending = None
             self.calibrated = True
             return
-        self._pending = quantize_net(net, self.skip_modules, self.on_unsupported, self.learnable_scales)
+        # start_epoch > 0: the float net trains first (a resumed run's history may still
+        # replay the conversion after setup)
+        self._pending = (quantize_net(net, self.skip_modules, self.on_unsupported, self.learnable_scales)
+                         if self.start_epoch == 0 else None)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self._net(pl_module)
         entry = quantization_entry(net)
         if entry is None:
+            if self._pending is None and self.start_epoch > 0 and not is_quantized(net):
+                return  # converts at the start of epoch start_epoch
             if self._pending is None:
                 raise UserError("QuantizationAwareTraining: the network was quantized outside this callback "
                                 "without a structural record; quantize through the callback or `launch.py quantize`")
@@ -159,7 +180,12 @@ class QuantizationAwareTraining(pl.Callback):
         self._apply_schedule(trainer.current_epoch, net)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._apply_schedule(trainer.current_epoch, self._net(pl_module))
+        net = self._net(pl_module)
+        if not is_quantized(net):
+            if trainer.current_epoch < self.start_epoch:
+                return
+            self._convert_mid_fit(trainer, pl_module, net)
+        self._apply_schedule(trainer.current_epoch, net)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.bn_frozen:  # Lightning may have put the whole module back in train mode
@@ -200,6 +226,21 @@ class QuantizationAwareTraining(pl.Callback):
         self.schedule_epoch = int(state_dict["schedule_epoch"])
 
     # ------------------------------------------------------------------ helpers
+    def _convert_mid_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, net: nn.Module) -> None:
+        """``start_epoch > 0``: quantize, record, calibrate, then rebuild what holds parameters."""
+        from trainer.prune.rebuild import rebuild_optimizers, snapshot
+
+        before = snapshot(trainer, pl_module)
+        state = quantize_net(net, self.skip_modules, self.on_unsupported, self.learnable_scales)
+        record(net, FakeQuantConversion, state)
+        self.report = self._calibrate(trainer, pl_module, net)
+        self.calibrated = True
+        # learnable scales are new parameters (optimizer, DDP); plain ones change nothing there,
+        # but the rebuild is the same cheap path either way
+        rebuild_optimizers(trainer, pl_module, before)
+        rank_zero_info(f"QuantizationAwareTraining: quantized {len(state['layers'])} layers at the start of "
+                       f"epoch {trainer.current_epoch}")
+
     @staticmethod
     def _net(pl_module: pl.LightningModule) -> nn.Module:
         net = getattr(pl_module, "net", None)
