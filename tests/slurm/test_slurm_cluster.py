@@ -86,3 +86,45 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_cluster
     requeue = torch.load(run / "checkpoints" / "requeue.ckpt", weights_only=True)
     assert requeue["global_step"] == 4
     kit.assert_bitwise_equal(kit.final_weights(ref_run), kit.final_weights(run), "requeued SLURM job")
+
+
+def test_pipeline_job_requeued_mid_stage_resumes_and_completes(slurm_cluster, tmp_path):
+    """``submit --pipeline`` as one job; USR1 in the middle of the first stage: the pipeline passes
+    it to the stage, which checkpoints and requeues; the restarted job resumes that stage, runs the
+    next and writes the report."""
+    import yaml
+
+    sys.path.insert(0, str(kit.ROOT / "tests" / "pipeline"))
+    from test_pipeline import write_pipeline
+
+    path = write_pipeline(tmp_path, teacher_epochs=3)
+    spec = yaml.safe_load(path.read_text())
+    teacher_recipe = Path(spec["stages"][0]["recipe"])
+    recipe = yaml.safe_load(teacher_recipe.read_text())
+    marker = tmp_path / "paused"
+    recipe["trainer"]["callbacks"].append(
+        {"class_path": "scale_kit.PauseAt", "init_args": {"step": 2, "marker": str(marker), "timeout": 120}})
+    teacher_recipe.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "pipe"
+    done = subprocess.run([sys.executable, str(kit.ROOT / "launch.py"), "submit", "--pipeline", str(path),
+                           "--gpus-per-node", "0", "--time", "00:10:00", "--signal-lead", "60",
+                           "--job-name", "pipeline-requeue", "--log-dir", str(run / "slurm")],
+                          cwd=kit.ROOT, env=slurm_cluster.env(kit.env_with_kit()), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    job_id = done.stdout.split("submitted job ")[1].split(":")[0]
+
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        state = slurm_cluster.job(job_id).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, \
+            f"{state}\n{job_log(run)[-3000:]}"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "-s", "USR1", job_id], env=slurm_cluster.env(), check=True, timeout=30)
+
+    assert_finished(slurm_cluster, job_id, run, restarts=1)
+    log = job_log(run)
+    assert "teacher: train" in log and "SLURM asked to stop" in log, log[-3000:]
+    assert "teacher: resume" in log and "student: train" in log, log[-3000:]
+    assert torch.load(run / "teacher" / "checkpoints" / "requeue.ckpt", weights_only=True)["global_step"] == 2
+    assert (run / "report.md").exists() and (run / "student" / "export" / "onnx" / "model.onnx").exists()
