@@ -198,7 +198,8 @@ def main(argv=None) -> int:
             student = make_module(STUDENT_NET, args.student_steps, seed=seed)
             wall[name] = wall.get(name, 0.0) + fit(student, dm, tmp, args.student_steps, callbacks()) / len(seeds)
             per_seed[name].append(dice(student, dm, tmp))
-            log(f"{name}, seed {seed}: Dice {per_seed[name][-1]['dice']:.4f}")
+            log(f"{name}, seed {seed}: Dice {per_seed[name][-1]['dice']:.4f} "
+                f"({', '.join(f'{k} {v:.3f}' for k, v in per_seed[name][-1].items() if k != 'dice')})")
     for name, runs_dice in per_seed.items():
         results[name] = {k: statistics.mean(r[k] for r in runs_dice) for k in runs_dice[0]}
         results[name]["seeds"] = [r["dice"] for r in runs_dice]
