@@ -1,0 +1,62 @@
+"""One student of ``bench_distill.py`` with chosen KD settings, on a finished benchmark's workdir.
+
+``bench_distill.py`` keeps its work directory (teacher checkpoint, teacher-logit cache, data);
+this trains one more student there, offline-distilled with the given ``Distillation`` arguments
+(or alone with ``--kd '{}'``), with the benchmark's data, schedule and seed handling, and prints
+its validation Dice per class. For sweeps the benchmark does not make (temperature, weights):
+
+    python benchmarks/probe_distill_kd.py /tmp/bench_distill_XXXX --seed 3 \\
+        --kd '{"temperature": 1.0, "kd_weight": 0.5, "kd_ds_weight": 0.25}'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+import bench_distill as bench  # noqa: E402
+from datamodules.hdf5 import HDF5SegDataModule  # noqa: E402
+from trainer.callbacks.distill import Distillation  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("workdir", type=Path, help="a bench_distill.py work directory (teacher_logits.h5 inside)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--kd", default='{"temperature": 2.0, "kd_weight": 0.5, "kd_ds_weight": 0.25}',
+                   help="Distillation arguments as JSON (offline: the cache is added); '{}' trains alone")
+    args = p.parse_args(argv)
+    cache = args.workdir / "teacher_logits.h5"
+    if not cache.is_file():
+        raise SystemExit(f"error: {cache} does not exist: run benchmarks/bench_distill.py --workdir {args.workdir} first")
+    kd = json.loads(args.kd)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    dm = HDF5SegDataModule(**bench.data_args(args.workdir))
+    dm.prepare_data()
+    dm.setup("fit")
+    pl.seed_everything(args.seed, verbose=False)
+    student = bench.make_module(bench.STUDENT_NET, args.steps, seed=args.seed)
+    callbacks = [Distillation(cache=str(cache), **kd)] if kd else []
+    seconds = bench.fit(student, dm, args.workdir, args.steps, callbacks)
+    scores = bench.dice(student, dm, args.workdir)
+    print(json.dumps({"kd": kd, "seed": args.seed, "steps": args.steps, "seconds": round(seconds),
+                      "dice": {k: round(v, 4) for k, v in scores.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
