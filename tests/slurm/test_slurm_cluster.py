@@ -36,6 +36,17 @@ def job_log(run: Path) -> str:
     return "\n".join(p.read_text() for p in sorted((run / "slurm").glob("*.out")))
 
 
+def signal_when_paused(cluster, job_id: str, marker: Path, run: Path) -> None:
+    """Wait for ``PauseAt``'s marker (the job is at a known step), then send SLURM's USR1."""
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        state = cluster.job(job_id).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, \
+            f"{state}\n{job_log(run)[-3000:]}"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "-s", "USR1", job_id], env=cluster.env(), check=True, timeout=30)
+
+
 def assert_finished(cluster, job_id: str, run: Path, restarts: int) -> dict:
     info = cluster.wait_job(job_id, timeout=240)
     assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", f"{info}\n{job_log(run)[-4000:]}"
@@ -71,13 +82,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_cluster
     recipe = kit.write_recipe(run / "recipe.yaml", kit.recipe(run, callbacks=[pause], **CONFIG))
     job_id = submit(slurm_cluster, run, recipe, "requeue-me")
 
-    deadline = time.monotonic() + 180
-    while not marker.exists():
-        state = slurm_cluster.job(job_id).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, \
-            f"{state}\n{job_log(run)[-3000:]}"
-        time.sleep(0.5)
-    subprocess.run(["scancel", "-s", "USR1", job_id], env=slurm_cluster.env(), check=True, timeout=30)
+    signal_when_paused(slurm_cluster, job_id, marker, run)
 
     assert_finished(slurm_cluster, job_id, run, restarts=1)
     log = job_log(run)
@@ -114,13 +119,7 @@ def test_pipeline_job_requeued_mid_stage_resumes_and_completes(slurm_cluster, tm
     assert done.returncode == 0, done.stderr[-3000:]
     job_id = done.stdout.split("submitted job ")[1].split(":")[0]
 
-    deadline = time.monotonic() + 180
-    while not marker.exists():
-        state = slurm_cluster.job(job_id).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, \
-            f"{state}\n{job_log(run)[-3000:]}"
-        time.sleep(0.5)
-    subprocess.run(["scancel", "-s", "USR1", job_id], env=slurm_cluster.env(), check=True, timeout=30)
+    signal_when_paused(slurm_cluster, job_id, marker, run)
 
     assert_finished(slurm_cluster, job_id, run, restarts=1)
     log = job_log(run)
