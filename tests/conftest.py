@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -22,3 +23,14 @@ def subprocess_env() -> dict[str, str]:
     env["WANDB_MODE"] = "offline"
     env["PYTHONWARNINGS"] = "ignore"
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One intra-op torch thread in the test process: on a shared 2-core machine two OpenMP
+    threads stall at every barrier while another process holds a core (tiny steps ran 5-10x
+    slower). Subprocesses set their own (``OMP_NUM_THREADS``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,15 +24,6 @@ FEATURES = [{"student": "decoders.1", "teacher": "decoders.1", "weight": 0.5}]
 AFFINITY = [{"student": "encoders.2", "teacher": "encoders.2", "weight": 1.0}]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: two stall at OpenMP barriers on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def teacher(tmp_path) -> Path:
     return framework_checkpoint(tmp_path / "teacher.ckpt", **unet_kwargs(base=8))

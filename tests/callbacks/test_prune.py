@@ -27,14 +27,6 @@ from trainer.structure import history  # noqa: E402
 ROOT = TESTS.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads are 10x slower
-    yield
-    torch.set_num_threads(before)
-
-
 def _data(**kw):
     return TinySegDataModule(**{"size": 16, "n_train": 4, "n_val": 2, "batch_size": 2, **kw})
 

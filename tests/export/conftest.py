@@ -1,28 +1,15 @@
-"""Fixtures for the export tests: tiny trained 2D/3D U-Nets and validation batches.
-
-Torch runs single-threaded here: the models are tiny, and on a busy 2-core machine
-multi-threaded kernels spend more time waiting for each other than computing.
-"""
+"""Fixtures for the export tests: tiny trained 2D/3D U-Nets and validation batches."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_helpers import batches, synthetic, train, unet  # noqa: E402
 
 from trainer.export import ExportMeta  # noqa: E402
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
