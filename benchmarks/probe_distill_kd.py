@@ -2,8 +2,9 @@
 
 ``bench_distill.py`` keeps its work directory (teacher checkpoint, teacher-logit cache, data);
 this trains one more student there, offline-distilled with the given ``Distillation`` arguments
-(or alone with ``--kd '{}'``), with the benchmark's data, schedule and seed handling, and prints
-its validation Dice per class. For sweeps the benchmark does not make (temperature, weights):
+(``--online``: from the teacher checkpoint, so feature terms work; ``--kd '{}'``: alone), with the
+benchmark's data, schedule and seed handling, and prints its validation Dice per class. For
+sweeps the benchmark does not make (temperature, weights):
 
     python benchmarks/probe_distill_kd.py /tmp/bench_distill_XXXX --seed 3 \\
         --kd '{"temperature": 1.0, "kd_weight": 0.5, "kd_ds_weight": 0.25}'
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("workdir", type=Path, help="a bench_distill.py work directory (teacher_logits.h5 inside)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--online", action="store_true", help="run the teacher instead of reading the cache")
     p.add_argument("--kd", default='{"temperature": 2.0, "kd_weight": 0.5, "kd_ds_weight": 0.25}',
                    help="Distillation arguments as JSON (offline: the cache is added); '{}' trains alone")
     args = p.parse_args(argv)
@@ -50,10 +52,11 @@ def main(argv=None) -> int:
     dm.setup("fit")
     pl.seed_everything(args.seed, verbose=False)
     student = bench.make_module(bench.STUDENT_NET, args.steps, seed=args.seed)
-    callbacks = [Distillation(cache=str(cache), **kd)] if kd else []
+    source = {"teacher": str(args.workdir / "teacher.ckpt")} if args.online else {"cache": str(cache)}
+    callbacks = [Distillation(**source, **kd)] if kd else []
     seconds = bench.fit(student, dm, args.workdir, args.steps, callbacks)
     scores = bench.dice(student, dm, args.workdir)
-    print(json.dumps({"kd": kd, "seed": args.seed, "steps": args.steps, "seconds": round(seconds),
+    print(json.dumps({"kd": kd, "online": args.online, "seed": args.seed, "steps": args.steps, "seconds": round(seconds),
                       "dice": {k: round(v, 4) for k, v in scores.items()}}))
     return 0
 

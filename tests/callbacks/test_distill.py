@@ -187,6 +187,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, teacher, case, match):
 @pytest.mark.parametrize("kwargs, match", [
     ({}, "give teacher"),
     ({"teacher": "t", "temperature": 0}, "temperature=0"),
+    ({"teacher": "t", "cwd_temperature": -1}, "cwd_temperature=-1"),
+    ({"teacher": "t", "cwd_weight": -0.5}, "cwd_weight=-0.5"),
     ({"teacher": "t", "ensemble": "median"}, "ensemble='median'"),
     ({"teacher": "t", "features": [{"student": "a", "teacher": "b", "weight": -1}]}, "weight=-1"),
     ({"teacher": "t", "features": [{"student": "a", "teacher": "b"}, {"student": "a", "teacher": "c"}]}, "used twice"),

@@ -89,7 +89,7 @@ def test_offline_and_online_give_the_same_loss_on_the_same_batch(tmp_path):
     dm = phantom_datamodule(tmp_path, aug_affine_prob=0.0)
     loader = dm.make_dataloader("train", epoch=1)
     student = _student()
-    kwargs = dict(temperature=2.0, kd_weight=1.0, kd_ds_weight=0.5)
+    kwargs = dict(temperature=2.0, kd_weight=1.0, kd_ds_weight=0.5, cwd_weight=1.0, cwd_temperature=4.0)
     online = _setup(Distillation(teacher=str(teacher), teacher_class=LINEAR_TEACHER, teacher_init_args=init_args, **kwargs),
                     dm, loader, 1, student)
     offline = _setup(Distillation(cache=str(cache), **kwargs), dm, loader, 1, student)
@@ -100,12 +100,17 @@ def test_offline_and_online_give_the_same_loss_on_the_same_batch(tmp_path):
         # tolerance from float16 rounding of the cached logits: |dz| <= eps = 2^-11 max|z|, and
         # |dL| <= 2 T eps (1 + max|log p - log q|) for L = T^2 KL(p_T || q_T) (first order)
         z, _, _ = online.teacher_targets(student, batch)
-        t = kwargs["temperature"]
+        t, tc = kwargs["temperature"], kwargs["cwd_temperature"]
         gap = (losses.tempered_log_probs(z, t) - losses.tempered_log_probs(outs[0], t)).abs().max()
-        tol = 2 * t * FP16_REL * z.abs().max() * (1 + gap)
-    assert set(on) == set(off) == {"kd", "kd_ds"}
+        # cwd: the same bound with the softmax over voxels and its own T
+        spatial = [torch.log_softmax(v.flatten(2) / tc, dim=2) for v in (z, outs[0])]
+        tols = {"kd": 2 * t * FP16_REL * z.abs().max() * (1 + gap),
+                "cwd": 2 * tc * FP16_REL * z.abs().max() * (1 + (spatial[0] - spatial[1]).abs().max())}
+    assert set(on) == set(off) == {"kd", "kd_ds", "cwd"}
     for name in on:
+        tol = tols.get(name, tols["kd"])
         assert abs(on[name] - off[name]) <= tol, (name, on[name], off[name], tol)
+        assert on[name] > 0
 
 
 def test_misaligned_replay_is_detected(tmp_path):

@@ -66,6 +66,43 @@ def test_deep_supervision_kd_weights_levels():
     assert got.item() == pytest.approx(((3 * each[0] + each[1]) / 4).item(), rel=1e-6)
 
 
+def test_channel_wise_kd_matches_hand_computation():
+    # one image, 2 classes, 1x3 pixels: each class is a distribution over the 3 pixels
+    zs = torch.tensor([[[[1.0, 0.0, -1.0]], [[0.0, 2.0, 0.5]]]])
+    zt = torch.tensor([[[[3.0, -1.0, 0.0]], [[0.0, 1.0, 4.0]]]])
+    t = 4.0
+    expected = 0.0
+    for k in range(2):
+        p = _softmax(zt[0, k, 0].tolist(), t)
+        q = _softmax(zs[0, k, 0].tolist(), t)
+        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    expected = expected / 2 * t**2  # mean over B * K = 2 channels
+    assert losses.channel_wise_kd(zs, zt, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_channel_wise_kd_weighs_a_small_class_like_a_large_one():
+    # voxel-wise KD of a class that covers 1 of 64 pixels is diluted by the 63 others; the
+    # channel-wise term of a mismatch on that one pixel is as large as on a whole-image class
+    zt = torch.zeros(1, 2, 8, 8)
+    zt[0, 1, 0, 0] = 6.0  # the teacher puts class 1 on pixel (0, 0)
+    zs = torch.zeros(1, 2, 8, 8)  # the student puts it nowhere
+    cwd = losses.channel_wise_kd(zs, zt, 1.0)
+    kd = losses.logit_kd(zs, losses.tempered_log_probs(zt, 1.0), 1.0)
+    assert cwd.item() > 20 * kd.item()
+
+
+def test_channel_wise_kd_mask_leaves_voxels_out_of_both_softmaxes():
+    zs, zt = torch.randn(2, 3, 2, 2, 2), torch.randn(2, 3, 2, 2, 2)
+    zs.requires_grad_(True)
+    mask = torch.zeros(2, 2, 2, 2, dtype=torch.bool)
+    mask[:, 0] = True  # the first depth slice has teacher targets
+    got = losses.channel_wise_kd(zs, zt, 2.0, mask)
+    only = losses.channel_wise_kd(zs[:, :, :1], zt[:, :, :1], 2.0)
+    assert got.item() == pytest.approx(only.item(), rel=1e-5)
+    got.backward()
+    assert torch.isfinite(zs.grad).all() and zs.grad[:, :, 1:].abs().max() == 0
+
+
 def test_feature_mse_matches_hand_and_pools_larger_teacher():
     s = torch.tensor([[[[1.0, 2.0]]]])  # [1, 1, 1, 2]
     t = torch.tensor([[[[0.0, 4.0]]]])

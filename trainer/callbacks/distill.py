@@ -8,6 +8,7 @@ logged as ``train/loss_<name>``; formulas and papers in :mod:`trainer.distill.lo
 ==========  ===================================================================
 ``kd``      voxel-wise KL(teacher_T || student_T) * T^2 on full-resolution logits
 ``kd_ds``   the same at every lower-resolution deep-supervision output
+``cwd``     channel-wise KL between per-class spatial distributions * T^2
 ``feat_*``  FitNets MSE between a student and a teacher layer (1x1 adapter)
 ``aff_*``   pair-wise affinity distillation (Liu et al. 2019) between two layers
 ==========  ===================================================================
@@ -57,7 +58,7 @@ channels (the pruning plan in the history names them) and DDP/optimizers/schedul
 rebuilt with the pruner's own ``trainer.prune.rebuild`` (state carried over).
 
 Offline mode (``cache``): teacher logits precomputed by ``launch.py distill-cache`` are read
-instead of running a teacher; see :mod:`trainer.distill.cache`. Only ``kd``/``kd_ds`` work
+instead of running a teacher; see :mod:`trainer.distill.cache`. Only ``kd``/``kd_ds``/``cwd`` work
 offline (features are not cached).
 
 Precision: the teacher runs under the trainer's autocast (bf16-mixed speeds it up); every
@@ -164,6 +165,10 @@ class Distillation(pl.Callback):
             student trained alone.
         kd_ds_weight: weight of ``kd_ds`` (lower-resolution deep-supervision outputs; needs
             a student with deep supervision). Default 0.25.
+        cwd_weight: weight of ``cwd``, channel-wise distillation of the full-resolution
+            logits at ``cwd_temperature`` (each class weighs the same, whatever its size).
+            Default 0.0 (off).
+        cwd_temperature: ``T`` of ``cwd``. Default 4.0 (the paper's choice for logits).
         ds_weights: per-level weights inside ``kd_ds``; ``None`` halves per level.
         features: FitNets terms (:class:`FeatureTerm` or mappings). Default none.
         affinity: affinity terms (:class:`AffinityTerm` or mappings). Default none.
@@ -182,6 +187,8 @@ class Distillation(pl.Callback):
         temperature: float = 2.0,
         kd_weight: float = 0.5,
         kd_ds_weight: float = 0.25,
+        cwd_weight: float = 0.0,
+        cwd_temperature: float = 4.0,
         ds_weights: list[float] | None = None,
         features: list[FeatureTerm] | None = None,
         affinity: list[AffinityTerm] | None = None,
@@ -194,9 +201,10 @@ class Distillation(pl.Callback):
                             "or cache (an HDF5 file from `launch.py distill-cache`)")
         if ensemble not in ENSEMBLE_MODES:
             raise UserError(f"Distillation: ensemble={ensemble!r} must be one of {list(ENSEMBLE_MODES)}")
-        if not temperature > 0:
-            raise UserError(f"Distillation: temperature={temperature} must be > 0")
-        for arg, value in (("kd_weight", kd_weight), ("kd_ds_weight", kd_ds_weight)):
+        for arg, value in (("temperature", temperature), ("cwd_temperature", cwd_temperature)):
+            if not value > 0:
+                raise UserError(f"Distillation: {arg}={value} must be > 0")
+        for arg, value in (("kd_weight", kd_weight), ("kd_ds_weight", kd_ds_weight), ("cwd_weight", cwd_weight)):
             if value < 0:
                 raise UserError(f"Distillation: {arg}={value} must be >= 0")
         if ds_weights is not None and (not ds_weights or min(ds_weights) < 0 or sum(ds_weights) <= 0):
@@ -204,7 +212,7 @@ class Distillation(pl.Callback):
         self.features = _as_terms(features, FeatureTerm, "feat")
         self.affinity = _as_terms(affinity, AffinityTerm, "aff")
         names = [t.name for t in (*self.features, *self.affinity)]
-        dupes = sorted({n for n in names if names.count(n) > 1} | ({"seg", "kd", "kd_ds"} & set(names)))
+        dupes = sorted({n for n in names if names.count(n) > 1} | ({"seg", "kd", "kd_ds", "cwd"} & set(names)))
         if dupes:
             raise UserError(f"Distillation: term names {dupes} are used twice; give the terms distinct `name`s")
         for term in self.affinity:
@@ -216,6 +224,7 @@ class Distillation(pl.Callback):
         self.teacher_class, self.teacher_init_args = teacher_class, dict(teacher_init_args or {})
         self.ensemble, self.temperature = ensemble, float(temperature)
         self.kd_weight, self.kd_ds_weight = float(kd_weight), float(kd_ds_weight)
+        self.cwd_weight, self.cwd_temperature = float(cwd_weight), float(cwd_temperature)
         self.ds_weights = list(ds_weights) if ds_weights is not None else None
         self.cache_path, self.probe_size = cache, probe_size
         self.teacher: TeacherEnsemble | None = None
@@ -419,6 +428,8 @@ class Distillation(pl.Callback):
             terms["kd"] = self.kd_weight * losses.logit_kd(outs[0], target, T, mask)
         if self.kd_ds_weight > 0 and len(outs) > 1:
             terms["kd_ds"] = self.kd_ds_weight * losses.deep_supervision_kd(outs, t_logits, T, self.ds_weights, mask)
+        if self.cwd_weight > 0:
+            terms["cwd"] = self.cwd_weight * losses.channel_wise_kd(outs[0], t_logits, self.cwd_temperature, mask)
         for term in self.features:
             student = s_feats[term.student].float()
             adapter = self.adapters[term.name]

@@ -11,6 +11,8 @@ Terms:
 * :func:`logit_kd` -- pixel/voxel-wise KL divergence with temperature (Hinton et al. 2015).
 * :func:`deep_supervision_kd` -- the same at each lower-resolution deep-supervision output,
   against the teacher's tempered probabilities average-pooled to that resolution.
+* :func:`channel_wise_kd` -- KL between per-class *spatial* distributions (Shu et al. 2021):
+  every class weighs the same however few voxels it covers.
 * :func:`feature_mse` -- FitNets hint loss (Romero et al. 2015) after a 1x1 adapter.
 * :func:`pairwise_affinity` -- pair-wise term of Structured Knowledge Distillation
   (Liu et al. 2019), channel-count agnostic.
@@ -132,6 +134,47 @@ def deep_supervision_kd(
         target = tempered_log_probs(teacher_logits, temperature, out.shape[2:])
         total = total + w * logit_kd(out, target, temperature, pool_mask(mask, out.shape[2:]))
     return total / sum(weights)
+
+
+def channel_wise_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Channel-wise distillation (Shu, Liu, Gao, Yan, Shen, ICCV 2021, "Channel-wise Knowledge
+    Distillation for Dense Prediction").
+
+    Each class channel ``k`` of an image ``b`` becomes a distribution over the ``N`` voxels,
+    ``phi(z)_{b,k,i} = softmax_i(z_{b,k,i} / T)``, and the student's distribution is pulled to
+    the teacher's::
+
+        L_cwd = T^2 / (B * K) * sum_b sum_k sum_i phi(z_t)_{b,k,i} * (log phi(z_t)_{b,k,i} - log phi(z_s)_{b,k,i})
+
+    Why next to :func:`logit_kd`: the voxel-wise KL is an average over voxels, so background
+    dominates it and a small class (a lesion) gets a share proportional to its size; here
+    every class channel has the same weight, which is what a mean-Dice student needs.
+
+    Args:
+        student_logits: ``[B, K, *S]`` raw student logits.
+        teacher_logits: ``[B, K, *S]`` raw teacher logits (or cached ones).
+        temperature: ``T > 0``.
+        mask: optional ``[B, *S]`` bool of voxels with a teacher target; the others are left
+            out of both spatial softmaxes.
+
+    Example:
+        >>> z = torch.randn(2, 3, 4, 4)
+        >>> float(channel_wise_kd(z, z, 4.0))
+        0.0
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"channel_wise_kd: student {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
+    s = student_logits.float().flatten(2) / temperature  # [B, K, N]
+    t = teacher_logits.float().flatten(2) / temperature
+    if mask is not None:
+        # A finite fill, not -inf: excluded voxels get probability exactly 0 in both softmaxes
+        # and the KL terms stay finite (0 * (-inf + inf) would be NaN, also in the gradient).
+        outside = ~mask.flatten(1)[:, None, :].bool()
+        s, t = s.masked_fill(outside, -1e4), t.masked_fill(outside, -1e4)
+    log_p, log_q = F.log_softmax(t, dim=2), F.log_softmax(s, dim=2)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=2)  # [B, K]
+    return kl.mean() * temperature**2
 
 
 def match_spatial(teacher_feat: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
