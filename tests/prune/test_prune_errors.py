@@ -36,6 +36,7 @@ def test_prune_channels_checks_its_ratio():
 @pytest.mark.parametrize("kwargs,match", [
     ({"method": "magic"}, "method='magic'"), ({"importance": "vibes"}, "importance='vibes'"),
     ({"rounds": 0}, "rounds=0"), ({"schedule": "exp"}, "schedule='exp'"), ({"protected": "head"}, "list of layer names"),
+    ({"taylor_accumulate": "max"}, "taylor_accumulate='max'"),
 ])
 def test_other_bad_arguments(kwargs, match):
     with pytest.raises(UserError, match=match):

@@ -84,6 +84,20 @@ def test_keep_count(original, ratio, round_to, kept):
     assert keep_count(original, ratio, round_to) == kept
 
 
+def test_taylor_abs_accumulation_sums_per_batch_magnitudes():
+    # one weight, two batches whose gradients are +1 and -1: "sum" cancels, "abs" gives 2
+    net = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+    x = torch.ones(1, 1, 1, 1)
+    batches = [{"image": x, "label": torch.tensor(1.0)}, {"image": x, "label": torch.tensor(-1.0)}]
+    loss = lambda out, y: (out.sum() * y)  # noqa: E731  d/dw = y
+    assert taylor_gradients(net, batches, loss, accumulate="sum") == 2
+    assert net[0].weight.grad.item() == 0.0
+    assert taylor_gradients(net, batches, loss, accumulate="abs") == 2
+    assert net[0].weight.grad.item() == 2.0
+
+
 @pytest.mark.parametrize("importance", ["l2", "bn_scale", "taylor"])
 def test_importance_criteria(importance):
     from tinydata import make_sample

@@ -103,6 +103,9 @@ class PruneRetrain(pl.Callback):
             (always protected). Default none.
         round_to: kept channel counts are multiples of this (e.g. 8). Default 1.
         taylor_batches: training batches whose gradients feed ``taylor``. Default 4.
+        taylor_accumulate: ``"sum"`` scores ``|w * sum_b g_b|`` (gradients summed over the
+            batches), ``"abs"`` scores ``sum_b |w * g_b|`` (their magnitudes summed: no
+            cancellation between batches near a fit). Default ``"sum"``.
         rewind_lr: after each round, restart optimizer and scheduler at the recipe's
             initial LR (LR rewinding) instead of carrying their state over. Default False.
         example_shape: input shape used to trace the network, e.g. ``[2, 1, 64, 64]``;
@@ -126,6 +129,7 @@ class PruneRetrain(pl.Callback):
         protected: list[str] | None = None,
         round_to: int = 1,
         taylor_batches: int = 4,
+        taylor_accumulate: Literal["sum", "abs"] = "sum",
         rewind_lr: bool = False,
         example_shape: list[int] | None = None,
         make_permanent: bool = True,
@@ -155,6 +159,9 @@ class PruneRetrain(pl.Callback):
         self.global_pruning = bool(global_pruning)
         self.round_to = round_to
         self.taylor_batches = taylor_batches
+        if taylor_accumulate not in ("sum", "abs"):
+            raise UserError(f"PruneRetrain.taylor_accumulate={taylor_accumulate!r}: must be 'sum' or 'abs'")
+        self.taylor_accumulate = taylor_accumulate
         self.rewind_lr = bool(rewind_lr)
         self.example_shape = list(example_shape) if example_shape else None
         self.make_permanent = bool(make_permanent)
@@ -343,7 +350,7 @@ class PruneRetrain(pl.Callback):
             batches = ({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
                        for b in itertools.islice(self._train_loader(trainer, pl_module), self.taylor_batches))
             reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
-            n = taylor_gradients(net, batches, loss, reduce)
+            n = taylor_gradients(net, batches, loss, reduce, self.taylor_accumulate)
         finally:
             torch.set_rng_state(rng[0])
             np.random.set_state(rng[1])

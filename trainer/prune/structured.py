@@ -469,23 +469,37 @@ def taylor_gradients(
     batches: Sequence[dict[str, torch.Tensor]] | Iterator[dict[str, torch.Tensor]],
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    accumulate: Literal["sum", "abs"] = "sum",
 ) -> int:
-    """Sum the loss gradients of ``batches`` into ``.grad`` for first-order Taylor importance.
+    """Put the loss gradients of ``batches`` into ``.grad`` for first-order Taylor importance.
 
-    Eval mode (running statistics untouched, deterministic); gradients are summed over batches
-    (``|w * sum_b g_b|`` per weight, as in Torch-Pruning's examples) and, under DDP, summed
-    over ranks by ``all_reduce`` so every rank ranks channels identically. Returns the batch
-    count.
+    Eval mode (running statistics untouched, deterministic). ``accumulate="sum"`` sums the
+    gradients over batches, so the score is ``|w * sum_b g_b|`` per weight (Torch-Pruning's
+    examples); ``"abs"`` sums their magnitudes, ``sum_b |w * g_b|``: near a fit the per-batch
+    gradients of a useful channel point different ways and their sum cancels, their
+    magnitudes do not. Under DDP the result is summed over ranks by ``all_reduce`` so every
+    rank ranks channels identically. Returns the batch count.
     """
+    if accumulate not in ("sum", "abs"):
+        raise UserError(f"taylor accumulate={accumulate!r}: must be 'sum' or 'abs'")
     was_training = net.training
     net.eval()
-    for p in net.parameters():
+    params = list(net.parameters())
+    for p in params:
         p.grad = None
+    total: dict[int, torch.Tensor] = {}
     n = 0
     with torch.enable_grad():
         for batch in batches:
             loss_fn(net(batch["image"]), batch["label"]).backward()
             n += 1
+            if accumulate == "abs":
+                for i, p in enumerate(params):
+                    if p.grad is not None:
+                        total[i] = total[i] + p.grad.abs() if i in total else p.grad.abs()
+                        p.grad = None
+    for i, g in total.items():
+        params[i].grad = g
     if all_reduce is not None:
         for p in net.parameters():
             if p.grad is not None:
