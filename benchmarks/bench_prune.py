@@ -45,6 +45,12 @@ from trainer.module import SegmentationModule  # noqa: E402
 from trainer.prune.measure import count_macs, count_params, out_channels  # noqa: E402
 
 KEEP = (1.0, 0.75, 0.5, 0.25)
+HAND_WRITTEN = "## Other schedules"  # README_prune.md from this heading on is kept by write_readme
+DISTILL = {  # Distillation arguments per --distill choice
+    "kd": dict(temperature=2.0, kd_weight=1.0, kd_ds_weight=0.5),
+    "cwd": dict(kd_weight=0.0, kd_ds_weight=0.0, cwd_weight=1.0, cwd_temperature=4.0),
+    "none": None,
+}
 
 
 def parse_args(argv=None):
@@ -57,15 +63,26 @@ def parse_args(argv=None):
     # 3 rounds of 2 (as recipes/prune_unet2d.yaml): 2 rounds of 3 lost 3.0 Dice points at 0.5, 3 of 2 lost 1.6
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--epochs-per-round", type=int, default=2)
+    # as recipes/prune_unet2d.yaml: the last round retrains epochs-per-round + final-epochs
+    p.add_argument("--final-epochs", type=int, default=2, help="extra fine-tuning epochs after the last round")
     p.add_argument("--samples-per-epoch", type=int, default=320)
     # 3e-3: measured on the main job's base-16 student pruned to 0.5 in 2 rounds of 3 epochs,
     # val Dice 0.642 at lr 1e-3 vs 0.678 at 3e-3 (unpruned 0.682)
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the retraining (teacher: 2e-3)")
     p.add_argument("--importance", default="taylor", choices=["l1", "l2", "bn_scale", "taylor"])
+    p.add_argument("--taylor-batches", type=int, default=4, help="training batches the Taylor importance averages")
+    p.add_argument("--taylor-accumulate", default="sum", choices=["sum", "abs"])
+    # cwd: with kd (T=2) the 0.5 row lost the kidney's recovery: -1.25 points vs -0.59 with cwd
+    # (3 rounds of 2 + 2 final epochs, same teacher, 2026-11-23)
+    p.add_argument("--distill", default="cwd", choices=sorted(DISTILL),
+                   help="distillation terms from the unpruned teacher during retraining (every row alike)")
+    p.add_argument("--keep", type=float, nargs="+", default=list(KEEP),
+                   help="fractions of channels kept (rows); 1.0 and 0.5 are always run (goal and baseline)")
     p.add_argument("--latency-size", type=int, default=256, help="edge of the square latency input")
     p.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training (timing always uses 1)")
     p.add_argument("--out", default=str(ROOT / "trainer" / "prune" / "README_prune.md"))
+    p.add_argument("--work", default=None, help="keep checkpoints here (teacher.ckpt, for --teacher) instead of a temp dir")
     return p.parse_args(argv)
 
 
@@ -131,18 +148,22 @@ def teacher_checkpoint(args, work: Path) -> tuple[Path, dict, float]:
 def retrain(args, teacher: Path, kwargs: dict, keep: float, work: Path) -> tuple[torch.nn.Module, dict, str]:
     """Returns the retrained net, its validation metrics and PruneRetrain's per-round table."""
     pl.seed_everything(0, verbose=False)
-    epochs = args.rounds * args.epochs_per_round
-    # Pruned rows rewind the LR at each round (a fresh cosine over the round's epochs): a round
-    # pruned late in one long cosine has too little LR left to recover (measured: Dice 0.23 ->
-    # 0.02 without rewinding, 0.23 with). The 1.0 row anneals once over all epochs.
+    epochs = total_epochs(args)
+    # Pruned rows rewind the LR at each round (a fresh cosine): a round pruned late in one long
+    # cosine has too little LR left to recover (measured: Dice 0.23 -> 0.02 without rewinding,
+    # 0.23 with). The cosine spans the last round's epochs, so only the last round anneals fully
+    # (as in recipes/prune_unet2d.yaml). The 1.0 row anneals once over all epochs.
+    last_round = args.epochs_per_round + args.final_epochs
     module = SegmentationModule(UNet(**kwargs), num_classes=kwargs["num_classes"], optimizer=adamw(args.lr),
-                                lr_scheduler=cosine(epochs if keep == 1.0 else args.epochs_per_round),
+                                lr_scheduler=cosine(epochs if keep == 1.0 else last_round),
                                 init_from=str(teacher))
     callbacks = [] if keep == 1.0 else [PruneRetrain(target_ratio=1.0 - keep, rounds=args.rounds,
                                                      epochs_per_round=args.epochs_per_round, round_to=8,
-                                                     importance=args.importance, taylor_batches=4,
+                                                     importance=args.importance, taylor_batches=args.taylor_batches,
+                                                     taylor_accumulate=args.taylor_accumulate,
                                                      rewind_lr=True, report_dir=str(work / f"keep{keep}"))]
-    callbacks.append(Distillation(teacher=str(teacher), temperature=2.0, kd_weight=1.0, kd_ds_weight=0.5))
+    if DISTILL[args.distill] is not None:
+        callbacks.append(Distillation(teacher=str(teacher), **DISTILL[args.distill]))
     t0 = time.time()
     tr = trainer(work / f"keep{keep}", epochs, callbacks)
     tr.fit(module, datamodule=datamodule(args))
@@ -151,6 +172,10 @@ def retrain(args, teacher: Path, kwargs: dict, keep: float, work: Path) -> tuple
           f"({per_class(metrics)})", flush=True)
     rounds = work / f"keep{keep}" / "prune_rounds.md"
     return module.net.eval(), metrics, rounds.read_text() if rounds.exists() else ""
+
+
+def total_epochs(args) -> int:
+    return args.rounds * args.epochs_per_round + args.final_epochs
 
 
 def time_models(nets: dict[float, torch.nn.Module], size: int, repeats: int, work: Path) -> dict[tuple[float, str], float]:
@@ -187,9 +212,11 @@ def main(argv=None) -> int:
     command = "python benchmarks/bench_prune.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_prune_") as tmp:
-        work = Path(tmp)
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         teacher, kwargs, teacher_dice = teacher_checkpoint(args, work)
-        results = {keep: retrain(args, teacher, kwargs, keep, work) for keep in KEEP}
+        keeps = sorted({1.0, 0.5, *args.keep}, reverse=True)
+        results = {keep: retrain(args, teacher, kwargs, keep, work) for keep in keeps}
         nets = {keep: r[0] for keep, r in results.items()}
         ms = time_models(nets, args.latency_size, args.repeats, work)
     size = args.latency_size
@@ -238,7 +265,7 @@ def write_readme(path: Path, command: str, args, kwargs: dict, table: str, verdi
 
     import onnxruntime
 
-    epochs = args.rounds * args.epochs_per_round
+    epochs = total_epochs(args)
     text = f"""# Prune-retrain (`trainer/callbacks/prune.py`, `trainer/prune/`)
 
 Use: add `trainer.callbacks.prune.PruneRetrain` to a recipe (see `recipes/prune_unet2d.yaml` and the callback's
@@ -262,10 +289,12 @@ torch-pruning {importlib.metadata.version("torch-pruning")}; {os.cpu_count()} co
 Setup: U-Net 2D `{kwargs}` on the phantom HDF5 data (`{args.data}`, 40 cases of 16x96x96, 20% of cases for
 validation, 96x96 patches, {args.samples_per_epoch} samples per epoch). The teacher was trained
 {args.teacher_epochs if not args.teacher else '(given: ' + args.teacher + ')'} epochs (val Dice {teacher_dice:.4f}). Each row starts from the teacher
-(`model.init_from`) and retrains {epochs} epochs (AdamW lr {args.lr}) with logit distillation from it (`Distillation`, T=2); pruned rows use
+(`model.init_from`) and retrains {epochs} epochs (AdamW lr {args.lr}) with distillation from it (`Distillation({DISTILL[args.distill]})`, `--distill {args.distill}`); pruned rows use
 `PruneRetrain(method=structured, target_ratio=1-kept, rounds={args.rounds}, epochs_per_round={args.epochs_per_round},
-importance={args.importance}, taylor_batches=4, round_to=8, rewind_lr=true)` with a cosine LR over each round (the 1.0 row: one cosine over all {epochs}
-epochs) (ratio = fraction of each layer's original output channels removed; the head and
+importance={args.importance}, taylor_batches={args.taylor_batches},
+taylor_accumulate={args.taylor_accumulate}, round_to=8, rewind_lr=true)` and {args.final_epochs} more epochs after the last round, the
+LR restarting each round on a cosine over {args.epochs_per_round + args.final_epochs} epochs, which only the last round completes (the 1.0 row: one cosine
+over all {epochs} epochs) (ratio = fraction of each layer's original output channels removed; the head and
 deep-supervision heads keep their 5 class channels). Dice: mean foreground Dice on whole validation slices. Params count the
 deep-supervision heads; MACs and latency are for one {args.latency_size}x{args.latency_size} slice (eval mode, no DS
 heads). Latency: batch 1, one thread, median of {args.repeats} interleaved rounds; eager = PyTorch FP32, ORT =
@@ -284,6 +313,9 @@ Notes
   First-order Taylor importance (|w * dL/dw| on 4 training batches) keeps the channels the loss depends on: the same 60
   steps at lr 1e-3 recover the foreground (fraction of foreground pixels predicted 0.077 vs 0.068 in the labels).
   Hence `importance: taylor` here and in `recipes/prune_unet2d.yaml`.
+- Distillation during retraining: channel-wise (`cwd`, every class weighs the same). With voxel-wise KD at T=2 (`--distill
+  kd`) the same schedule lost 1.25 points at 0.5 kept, nearly all of it the kidney (0.86 vs 0.90): KD's average over
+  voxels is mostly background and slows the recovery of small classes (see "Other schedules and settings" below).
 - LR rewinding (each round restarts the optimizer and its cosine): measured separately while developing, on the same
   data with a weaker teacher (3 epochs, val Dice 0.22), 2 rounds to 0.5 kept with distillation and one cosine over
   4 epochs: Dice right after the second round 0.003 and 0.021 two epochs later; with rewinding 0.088 then 0.228.
@@ -292,7 +324,10 @@ Notes
 - Pruning 50% of channels leaves ~0.25x of conv MACs (cost scales with in x out channels); the latency ratio is lower than
   the MACs ratio because of memory traffic, norm/activation ops and per-op overhead at batch 1.
 """
-    path.write_text(text)
+    # measured comparisons written by hand below the generated part survive a rerun
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index(HAND_WRITTEN):] if HAND_WRITTEN in old else ""
+    path.write_text(text + ("\n" + kept if kept else ""))
 
 
 if __name__ == "__main__":
