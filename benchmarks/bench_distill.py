@@ -13,11 +13,13 @@ One run, one process, everything measured here (no numbers carried over):
    500 steps it was 1.8 points above the student trained alone);
 3. students: a 2D U-Net (base 10, depth 3, deep supervision; 0.097x the teacher's
    parameters), each trained ``--student-steps`` steps for each of ``--seeds`` seeds; with
-   the same seed every variant has the same initialisation, data order and schedule (AdamW 2e-3, cosine): alone (Dice+CE); online distillation (``kd`` T=2
-   weight 0.5, ``kd_ds`` 0.25, FitNets hint student ``decoders.1`` -> teacher ``decoders.2``
-   (1/2 resolution), affinity student ``decoders.0`` -> teacher ``decoders.1`` (1/4)); offline
-   distillation (the same ``kd`` + ``kd_ds`` from a teacher-logit cache made by
-   ``launch.py distill-cache``'s ``main``);
+   the same seed every variant has the same initialisation, data order and schedule (AdamW 2e-3,
+   cosine): alone (Dice+CE); online distillation (channel-wise ``cwd`` T=4 weight 1, FitNets
+   hint student ``decoders.1`` -> teacher ``decoders.2`` (1/2 resolution), affinity student
+   ``decoders.0`` -> teacher ``decoders.1`` (1/4)); offline distillation (the same ``cwd``
+   from a teacher-logit cache made by ``launch.py distill-cache``'s ``main``). Why ``cwd`` and
+   not the voxel-wise ``kd``: ``kd`` at T=2 (weight 0.5, ``kd_ds`` 0.25) starved the small
+   classes and left students 11-18 points below the student alone (3 seeds, 2026-11-23);
 4. Dice: mean foreground Dice (global per class) on whole validation slices, the framework's
    ``val/dice``;
 5. step time: the wall time from ``on_train_batch_start`` to ``on_train_batch_end``
@@ -57,7 +59,8 @@ TEACHER_NET = dict(spatial_dims=2, in_channels=1, num_classes=NUM_CLASSES, depth
 # depth 3, base 10: 0.097x the teacher's parameters. A depth-4 base-5 student (0.098x) learned
 # only the liver in this budget (alone or distilled), which leaves nothing to compare.
 STUDENT_NET = {**TEACHER_NET, "depth": 3, "base_channels": 10, "ds_levels": 1}
-KD = dict(temperature=2.0, kd_weight=0.5, kd_ds_weight=0.25)
+# channel-wise KD only (kd and kd_ds off): see the module docstring
+KD = dict(kd_weight=0.0, kd_ds_weight=0.0, cwd_weight=1.0, cwd_temperature=4.0)
 # student decoders.1 / .0 sit at 1/2 / 1/4 resolution, like the teacher's decoders.2 / .1
 ONLINE = dict(**KD, features=[{"student": "decoders.1", "teacher": "decoders.2", "weight": 0.5}],
               affinity=[{"student": "decoders.0", "teacher": "decoders.1", "weight": 1.0, "grid": 16}])
@@ -145,6 +148,8 @@ def step_times(dm, tmp, teacher_ckpt, cache, repeats: int, steps: int) -> dict[s
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher-steps", type=int, default=2400)
+    p.add_argument("--teacher", default=None,
+                   help="a teacher.ckpt written by an earlier run of this script (same data): reused, not trained")
     p.add_argument("--student-steps", type=int, default=1500)
     p.add_argument("--seeds", type=int, default=3,
                    help="train each student variant with this many seeds (init + data order); Dice is their mean")
@@ -174,9 +179,14 @@ def main(argv=None) -> int:
     recipe.write_text(yaml.safe_dump({"data": {"class_path": "datamodules.hdf5.HDF5SegDataModule", "init_args": data_args(tmp)}}))
 
     wall, results = {}, {}
-    log(f"teacher: {args.teacher_steps} steps")
     teacher = make_module(TEACHER_NET, args.teacher_steps, seed=0)
-    wall["teacher"] = fit(teacher, dm, tmp, args.teacher_steps)
+    if args.teacher:
+        log(f"teacher: {args.teacher} (given)")
+        teacher.load_state_dict(torch.load(args.teacher, weights_only=True)["state_dict"])
+        wall["teacher"] = float("nan")
+    else:
+        log(f"teacher: {args.teacher_steps} steps")
+        wall["teacher"] = fit(teacher, dm, tmp, args.teacher_steps)
     results["teacher"] = dice(teacher, dm, tmp)
     teacher_ckpt = save_teacher(teacher, tmp / "teacher.ckpt")
     log(f"teacher Dice {results['teacher']['dice']:.4f}; writing the teacher-logit cache")
@@ -244,7 +254,8 @@ def render(args, results, wall, steps, n_teacher, n_student) -> str:
                     f"{' '.join(f'{x:.4f}' for x in seeds) or '-'} | {vs_alone} | {wall[name]:.0f} |")
     rows += [
         "",
-        f"Parameter ratio student/teacher: {n_student / n_teacher:.3f}. Teacher {args.teacher_steps} steps, "
+        f"Parameter ratio student/teacher: {n_student / n_teacher:.3f}. Teacher {args.teacher_steps} steps"
+        f"{' (trained by an earlier run of this script, reused: ' + args.teacher + ')' if args.teacher else ''}, "
         f"students {args.student_steps} steps each (batch 8, 64x64), {args.seeds} seed(s) per student variant "
         f"(Dice and wall time: their mean), {args.threads} torch thread(s). "
         f"Teacher-logit cache: {wall['cache']:.0f} s.",

@@ -113,6 +113,29 @@ def test_offline_and_online_give_the_same_loss_on_the_same_batch(tmp_path):
         assert on[name] > 0
 
 
+def test_correct_only_leaves_out_voxels_the_teacher_gets_wrong(tmp_path):
+    cache, _, _ = _make_cache(tmp_path, aug_affine_prob=0.0)
+    dm = phantom_datamodule(tmp_path, aug_affine_prob=0.0)
+    loader = dm.make_dataloader("train", epoch=1)
+    student = _student()
+    kwargs = dict(temperature=2.0, kd_weight=1.0, kd_ds_weight=0.0, cwd_weight=1.0)
+    plain = _setup(Distillation(cache=str(cache), **kwargs), dm, loader, 1, student)
+    gated = _setup(Distillation(cache=str(cache), correct_only=True, **kwargs), dm, loader, 1, student)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        outs = student.net(batch["image"])
+        z, _, valid = plain.teacher_targets(student, batch)
+        right = z.argmax(1) == batch["label"]
+        assert 0 < int(right.sum()) < right.numel()  # the tiny teacher is wrong somewhere
+        mask = valid & right
+        want = {"kd": losses.logit_kd(outs[0], losses.tempered_log_probs(z, 2.0), 2.0, mask),
+                "cwd": losses.channel_wise_kd(outs[0], z, 4.0, mask)}
+        got, ungated = gated.loss_terms(student, batch, outs), plain.loss_terms(student, batch, outs)
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-5), name
+        assert not torch.allclose(got[name], ungated[name], rtol=1e-3), name
+
+
 def test_misaligned_replay_is_detected(tmp_path):
     cache, _, _ = _make_cache(tmp_path)
     dm = phantom_datamodule(tmp_path)

@@ -169,6 +169,10 @@ class Distillation(pl.Callback):
             logits at ``cwd_temperature`` (each class weighs the same, whatever its size).
             Default 0.0 (off).
         cwd_temperature: ``T`` of ``cwd``. Default 4.0 (the paper's choice for logits).
+        correct_only: distil the logit terms (``kd``, ``kd_ds``, ``cwd``) only on voxels where
+            the teacher's argmax equals the label: where the teacher is wrong, its soft target
+            teaches the error (on the phantom, students lost lesion Dice that way). Needs
+            ``batch["label"]``. Default False.
         ds_weights: per-level weights inside ``kd_ds``; ``None`` halves per level.
         features: FitNets terms (:class:`FeatureTerm` or mappings). Default none.
         affinity: affinity terms (:class:`AffinityTerm` or mappings). Default none.
@@ -189,6 +193,7 @@ class Distillation(pl.Callback):
         kd_ds_weight: float = 0.25,
         cwd_weight: float = 0.0,
         cwd_temperature: float = 4.0,
+        correct_only: bool = False,
         ds_weights: list[float] | None = None,
         features: list[FeatureTerm] | None = None,
         affinity: list[AffinityTerm] | None = None,
@@ -225,6 +230,7 @@ class Distillation(pl.Callback):
         self.ensemble, self.temperature = ensemble, float(temperature)
         self.kd_weight, self.kd_ds_weight = float(kd_weight), float(kd_ds_weight)
         self.cwd_weight, self.cwd_temperature = float(cwd_weight), float(cwd_temperature)
+        self.correct_only = bool(correct_only)
         self.ds_weights = list(ds_weights) if ds_weights is not None else None
         self.cache_path, self.probe_size = cache, probe_size
         self.teacher: TeacherEnsemble | None = None
@@ -395,6 +401,9 @@ class Distillation(pl.Callback):
             s_feats = self._student_tap.take()
         t_logits, t_feats, mask = self.teacher_targets(pl_module, batch)
         self._check_logits(outs[0], t_logits)
+        if self.correct_only:
+            right = t_logits.argmax(1) == batch["label"].to(t_logits.device)
+            mask = right if mask is None else mask & right
         with torch.autocast(device_type=outs[0].device.type, enabled=False):
             return self._weighted_terms(pl_module, outs, s_feats, t_logits, t_feats, mask)
 
