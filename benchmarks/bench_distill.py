@@ -251,7 +251,7 @@ def render(args, results, wall, steps, n_teacher, n_student) -> str:
         vs_alone = (f"{statistics.mean(paired):+.2f} pt (min {min(paired):+.2f}, max {max(paired):+.2f})"
                     if paired and name != "student alone" else "-")
         rows.append(f"| {name} (U-Net {arch}) | {n:,} | {d:.4f} | {delta} | {per_class} | "
-                    f"{' '.join(f'{x:.4f}' for x in seeds) or '-'} | {vs_alone} | {wall[name]:.0f} |")
+                    f"{' '.join(f'{x:.4f}' for x in seeds) or '-'} | {vs_alone} | {'- (reused)' if wall[name] != wall[name] else f'{wall[name]:.0f}'} |")
     rows += [
         "",
         f"Parameter ratio student/teacher: {n_student / n_teacher:.3f}. Teacher {args.teacher_steps} steps"

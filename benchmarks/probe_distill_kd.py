@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("workdir", type=Path, help="a bench_distill.py work directory (teacher_logits.h5 inside)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--student-base", type=int, default=None, help="student base channels (default the benchmark's)")
     p.add_argument("--online", action="store_true", help="run the teacher instead of reading the cache")
     p.add_argument("--kd", default='{"temperature": 2.0, "kd_weight": 0.5, "kd_ds_weight": 0.25}',
                    help="Distillation arguments as JSON (offline: the cache is added); '{}' trains alone")
@@ -51,12 +52,13 @@ def main(argv=None) -> int:
     dm.prepare_data()
     dm.setup("fit")
     pl.seed_everything(args.seed, verbose=False)
-    student = bench.make_module(bench.STUDENT_NET, args.steps, seed=args.seed)
+    net = {**bench.STUDENT_NET, **({"base_channels": args.student_base} if args.student_base else {})}
+    student = bench.make_module(net, args.steps, seed=args.seed)
     source = {"teacher": str(args.workdir / "teacher.ckpt")} if args.online else {"cache": str(cache)}
     callbacks = [Distillation(**source, **kd)] if kd else []
     seconds = bench.fit(student, dm, args.workdir, args.steps, callbacks)
     scores = bench.dice(student, dm, args.workdir)
-    print(json.dumps({"kd": kd, "online": args.online, "seed": args.seed, "steps": args.steps, "seconds": round(seconds),
+    print(json.dumps({"kd": kd, "online": args.online, "student_base": net["base_channels"], "seed": args.seed, "steps": args.steps, "seconds": round(seconds),
                       "dice": {k: round(v, 4) for k, v in scores.items()}}))
     return 0
 
