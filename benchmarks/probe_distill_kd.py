@@ -36,14 +36,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--student-base", type=int, default=None, help="student base channels (default the benchmark's)")
+    p.add_argument("--student-net", default="{}",
+                   help='UNet arguments as JSON that replace the benchmark student\'s, e.g. \'{"depth": 4, "max_channels": 32}\'')
     p.add_argument("--online", action="store_true", help="run the teacher instead of reading the cache")
     p.add_argument("--kd", default='{"temperature": 2.0, "kd_weight": 0.5, "kd_ds_weight": 0.25}',
                    help="Distillation arguments as JSON (offline: the cache is added); '{}' trains alone")
     args = p.parse_args(argv)
     cache = args.workdir / "teacher_logits.h5"
-    if not cache.is_file():
-        raise SystemExit(f"error: {cache} does not exist: run benchmarks/bench_distill.py --workdir {args.workdir} first")
     kd = json.loads(args.kd)
+    if kd and not args.online and not cache.is_file():
+        raise SystemExit(f"error: {cache} does not exist: run benchmarks/bench_distill.py --workdir {args.workdir} first")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -52,13 +54,15 @@ def main(argv=None) -> int:
     dm.prepare_data()
     dm.setup("fit")
     pl.seed_everything(args.seed, verbose=False)
-    net = {**bench.STUDENT_NET, **({"base_channels": args.student_base} if args.student_base else {})}
+    net = {**bench.STUDENT_NET, **({"base_channels": args.student_base} if args.student_base else {}),
+           **json.loads(args.student_net)}
     student = bench.make_module(net, args.steps, seed=args.seed)
     source = {"teacher": str(args.workdir / "teacher.ckpt")} if args.online else {"cache": str(cache)}
     callbacks = [Distillation(**source, **kd)] if kd else []
     seconds = bench.fit(student, dm, args.workdir, args.steps, callbacks)
     scores = bench.dice(student, dm, args.workdir)
-    print(json.dumps({"kd": kd, "online": args.online, "student_base": net["base_channels"], "seed": args.seed, "steps": args.steps, "seconds": round(seconds),
+    print(json.dumps({"kd": kd, "online": args.online, "student_net": {k: net[k] for k in ("depth", "base_channels", "max_channels") if k in net},
+                      "params": sum(p.numel() for p in student.net.parameters()), "seed": args.seed, "steps": args.steps, "seconds": round(seconds),
                       "dice": {k: round(v, 4) for k, v in scores.items()}}))
     return 0
 
