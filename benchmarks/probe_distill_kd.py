@@ -26,7 +26,6 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 import bench_distill as bench  # noqa: E402
-from datamodules.hdf5 import HDF5SegDataModule  # noqa: E402
 from trainer.callbacks.distill import Distillation  # noqa: E402
 
 
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workdir", type=Path, help="a bench_distill.py work directory (teacher_logits.h5 inside)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--student-base", type=int, default=None, help="student base channels (default the benchmark's)")
     p.add_argument("--student-net", default="{}",
                    help='UNet arguments as JSON that replace the benchmark student\'s, e.g. \'{"depth": 4, "max_channels": 32}\'')
@@ -50,9 +49,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    dm = HDF5SegDataModule(**bench.data_args(args.workdir))
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = bench.datamodule(args.workdir)
     pl.seed_everything(args.seed, verbose=False)
     net = {**bench.STUDENT_NET, **({"base_channels": args.student_base} if args.student_base else {}),
            **json.loads(args.student_net)}

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = {
     "data loading (issue 3)": ["benchmarks/bench_data.py"],
-    "distillation (issue 5)": ["benchmarks/bench_distill.py"],
+    "distillation (issue 5)": ["benchmarks/bench_distill.py", "--workers", str(min(2, os.cpu_count() or 1))],
     "prune-retrain (issue 6)": ["benchmarks/bench_prune.py"],
     "quantization (issue 7)": ["benchmarks/bench_qat.py"],
 }
