@@ -24,7 +24,7 @@ from trainer.module import SegmentationModule  # noqa: E402
 def main(teacher: str, out: str) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    cb = Distillation(teacher=teacher, kd_weight=0.5, kd_ds_weight=0.25, features=[{"student": "decoders.1", "teacher": "decoders.1", "weight": 0.5}],
+    cb = Distillation(teacher=teacher, features=[{"student": "decoders.1", "teacher": "decoders.1", "weight": 0.5}],
                       affinity=[{"student": "encoders.2", "teacher": "encoders.2"}])
     student = SegmentationModule(UNet(spatial_dims=2, num_classes=3, depth=2, base_channels=4, deep_supervision=True,
                                       ds_levels=1), num_classes=3)

@@ -202,7 +202,7 @@ def test_offline_distillation_in_a_real_fit(tmp_path):
 
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append(float(trainer.callback_metrics["train/loss_cwd"]))  # the default logit term
+            seen.append(float(trainer.callback_metrics["train/loss_kd"]))
 
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, num_sanity_val_steps=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -26,5 +26,5 @@ def test_two_rank_ddp_distillation(tmp_path, subprocess_env):
     assert result["world_size"] == 2
     assert result["adapters_equal"] and result["adapter_in_ddp"]
     assert not result["teacher_in_ddp"] and not result["teacher_grads"]
-    names = {"train/loss_kd", "train/loss_kd_ds", "train/loss_cwd", "train/loss_feat_decoders_1", "train/loss_aff_encoders_2"}
+    names = {"train/loss_kd", "train/loss_kd_ds", "train/loss_feat_decoders_1", "train/loss_aff_encoders_2"}
     assert names <= set(result["losses"]) and all(math.isfinite(v) for v in result["losses"].values())

@@ -158,18 +158,16 @@ class Distillation(pl.Callback):
         teacher_init_args: keyword arguments of ``teacher_class``. Default None.
         ensemble: how several teachers combine: ``"probs"`` averages tempered
             probabilities (at ``temperature``), ``"logits"`` averages logits. Default "probs".
-        temperature: ``T`` of ``kd`` and ``kd_ds`` (and of a probability ensemble). Default 2.0.
-        kd_weight: weight of ``kd`` (voxel-wise KL of the full-resolution logits), next to
-            the supervised term's ``model.supervised_weight``. Default 0.0 (off): a voxel
-            average is mostly background, and on the phantom benchmark ``kd`` at 0.5 (with
-            ``kd_ds`` 0.25, T=2) left students 11-18 Dice points below the student trained
-            alone, the small classes starved.
+        temperature: ``T`` of the logit terms. Default 2.0.
+        kd_weight: weight of ``kd`` (full-resolution logits), next to the supervised term's
+            ``model.supervised_weight``. Default 0.5: on the phantom benchmark, weight 1 (with
+            ``kd_ds`` 0.5) slowed the small classes of a short-budget student below the
+            student trained alone.
         kd_ds_weight: weight of ``kd_ds`` (lower-resolution deep-supervision outputs; needs
-            a student with deep supervision). Default 0.0 (off).
+            a student with deep supervision). Default 0.25.
         cwd_weight: weight of ``cwd``, channel-wise distillation of the full-resolution
             logits at ``cwd_temperature`` (each class weighs the same, whatever its size).
-            Default 1.0: the logit term that put distilled students above the student
-            trained alone on the phantom benchmark (``trainer/distill/README_distill.md``).
+            Default 0.0 (off).
         cwd_temperature: ``T`` of ``cwd``. Default 4.0 (the paper's choice for logits).
         correct_only: distil the logit terms (``kd``, ``kd_ds``, ``cwd``) only on voxels where
             the teacher's argmax equals the label: where the teacher is wrong, its soft target
@@ -191,9 +189,9 @@ class Distillation(pl.Callback):
         teacher_init_args: dict[str, Any] | None = None,
         ensemble: Literal["probs", "logits"] = "probs",
         temperature: float = 2.0,
-        kd_weight: float = 0.0,
-        kd_ds_weight: float = 0.0,
-        cwd_weight: float = 1.0,
+        kd_weight: float = 0.5,
+        kd_ds_weight: float = 0.25,
+        cwd_weight: float = 0.0,
         cwd_temperature: float = 4.0,
         correct_only: bool = False,
         ds_weights: list[float] | None = None,
