@@ -19,9 +19,9 @@ in that many processes (the Dice of a seed does not depend on the process):
    from a teacher-logit cache made by ``launch.py distill-cache``'s ``main``). Why ``cwd`` and
    not the voxel-wise ``kd``: ``kd`` at T=2 (weight 0.5, ``kd_ds`` 0.25) starved the small
    classes and left students 11-18 points below the student alone (3 seeds, 2026-11-23).
-   Budget: 3000 steps for every model. Distillation needs the longer schedule: at 1500 steps
-   the online student gained +0.41 points over the student alone (3 seeds, within noise); on
-   seed 1 at 3000 steps +1.75 (0.8251 vs 0.8076, teacher of 2400 steps);
+   Budget: 3000 steps for every model. Distillation needs the longer schedule: with students
+   at 1500 steps (teacher 2400) online gained +0.41 points over the student alone and offline
+   lost 0.38; at 3000 steps +0.70 and +0.46 (3 seeds each, 2026-11-23 and 2026-12-07);
 4. Dice: mean foreground Dice (global per class) on whole validation slices, the framework's
    ``val/dice``;
 5. step time: the wall time from ``on_train_batch_start`` to ``on_train_batch_end``
@@ -143,6 +143,15 @@ def variant_callbacks(name: str, tmp: Path) -> list:
     return []
 
 
+def quiet_torch(threads: int) -> None:
+    """The process settings of every benchmark process: few log lines, ``threads`` threads,
+    denormals flushed (tiny activations late in training otherwise slow CPU steps down)."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
 def datamodule(tmp: Path) -> HDF5SegDataModule:
     dm = HDF5SegDataModule(**data_args(tmp))
     dm.prepare_data()
@@ -155,10 +164,7 @@ def train_student(name: str, seed: int, workdir: str, steps: int, threads: int) 
 
     Runs in a worker process when ``--workers`` > 1; the seed fixes initialisation and data
     order, so the result does not depend on which process trains it."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
+    quiet_torch(threads)
     tmp = Path(workdir)
     dm = datamodule(tmp)
     log(f"{name}, seed {seed}: {steps} steps")
@@ -216,10 +222,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.teacher_steps = args.student_steps = STEPS_PER_EPOCH
         args.repeats, args.timing_steps = 1, 3
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    quiet_torch(args.threads)
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="bench_distill_"))
     tmp.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0, verbose=False)

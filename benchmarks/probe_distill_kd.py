@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,10 +21,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
 
 import bench_distill as bench  # noqa: E402
 from trainer.callbacks.distill import Distillation  # noqa: E402
+
+
+def _json_arg(flag: str, text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"error: {flag} {text!r} is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"error: {flag} {text!r} must be a JSON object of keyword arguments")
+    return value
 
 
 def main(argv=None) -> int:
@@ -34,7 +41,6 @@ def main(argv=None) -> int:
     p.add_argument("workdir", type=Path, help="a bench_distill.py work directory (teacher_logits.h5 inside)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--student-base", type=int, default=None, help="student base channels (default the benchmark's)")
     p.add_argument("--student-net", default="{}",
                    help='UNet arguments as JSON that replace the benchmark student\'s, e.g. \'{"depth": 4, "max_channels": 32}\'')
     p.add_argument("--online", action="store_true", help="run the teacher instead of reading the cache")
@@ -42,17 +48,13 @@ def main(argv=None) -> int:
                    help="Distillation arguments as JSON (offline: the cache is added); '{}' trains alone")
     args = p.parse_args(argv)
     cache = args.workdir / "teacher_logits.h5"
-    kd = json.loads(args.kd)
+    kd, student_net = _json_arg("--kd", args.kd), _json_arg("--student-net", args.student_net)
     if kd and not args.online and not cache.is_file():
         raise SystemExit(f"error: {cache} does not exist: run benchmarks/bench_distill.py --workdir {args.workdir} first")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
+    bench.quiet_torch(1)
     dm = bench.datamodule(args.workdir)
     pl.seed_everything(args.seed, verbose=False)
-    net = {**bench.STUDENT_NET, **({"base_channels": args.student_base} if args.student_base else {}),
-           **json.loads(args.student_net)}
+    net = {**bench.STUDENT_NET, **student_net}
     student = bench.make_module(net, args.steps, seed=args.seed)
     source = {"teacher": str(args.workdir / "teacher.ckpt")} if args.online else {"cache": str(cache)}
     callbacks = [Distillation(**source, **kd)] if kd else []
