@@ -71,6 +71,9 @@ def _check_arguments(name: str, *, spatial_dims, patch_size, pad_multiple, batch
         unknown = sorted(set(generate) - allowed)
         if unknown:
             raise UserError(f"{name}: generate has unknown keys {unknown}; allowed: {sorted(allowed)}")
+        cases, unlabelled = generate.get("cases", phantom.DEFAULTS_2D["cases"]), generate.get("unlabelled", 0)
+        if not 0 <= unlabelled < cases:
+            raise UserError(f"{name}: generate.unlabelled={unlabelled} must be in [0, cases={cases}): at least one case keeps its label")
 
 
 class SegDataModule(L.LightningDataModule):
@@ -348,24 +351,30 @@ class SegDataModule(L.LightningDataModule):
         index = {cid: i for i, cid in enumerate(ids)}
         n = len(ids)
         chosen: dict[str, list[int]] = {}
+        # unlabelled cases (distillation only) always train; fractions count labelled cases,
+        # so adding unlabelled cases to a file leaves its validation split as it was
+        labelled = [i for i, c in enumerate(header.cases) if c.labelled]
         for split, explicit in (("test", self.test_cases), ("val", self.val_cases)):
             if explicit is not None:
                 unknown = [c for c in explicit if c not in index]
                 if unknown:
                     raise UserError(f"{self.path}: {split}_cases {unknown} are not in the file (it has {ids[:5]}...)")
+                unlabelled = [c for c in explicit if not header.cases[index[c]].labelled]
+                if unlabelled:
+                    raise UserError(f"{self.path}: {split}_cases {unlabelled} are unlabelled; only labelled cases can be evaluated")
                 chosen[split] = sorted(index[c] for c in explicit)
-        perm = [int(i) for i in np.random.default_rng(self.split_seed).permutation(n)]
+        perm = [labelled[int(i)] for i in np.random.default_rng(self.split_seed).permutation(len(labelled))]
         taken = {i for cases in chosen.values() for i in cases}
         pool = [i for i in perm if i not in taken]
         for split, fraction in (("test", self.test_fraction), ("val", self.val_fraction)):
             if split not in chosen:
-                k = int(round(n * fraction))
+                k = int(round(len(labelled) * fraction))
                 k = max(k, 1) if fraction > 0 else 0
                 chosen[split], pool = sorted(pool[:k]), pool[k:]
         overlap = set(chosen["val"]) & set(chosen["test"])
         if overlap:
             raise UserError(f"{self.path}: cases {[ids[i] for i in sorted(overlap)]} are in both val_cases and test_cases")
-        chosen["train"] = sorted(pool)
+        chosen["train"] = sorted(pool + [i for i in range(n) if not header.cases[i].labelled])
         if not chosen["train"]:
             raise UserError(
                 f"{self.path}: no training cases left after the split ({n} cases, "

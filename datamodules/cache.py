@@ -28,7 +28,7 @@ from datamodules.schema import IMAGE_DTYPE, LABEL_DTYPE, CaseInfo, DatasetHeader
 from datamodules.store import CaseStore
 from trainer.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: cases carry "labelled"
 _ALIGN = 4096
 
 
@@ -69,12 +69,14 @@ def build_cache(location: str, cases: Iterable[tuple[str, np.ndarray, np.ndarray
         with open(os.path.join(tmp, "data.bin"), "wb") as out:
             for case_id, image, label, spacing in cases:
                 where = f"{source} case {case_id!r}"
-                validate_case(image, label, num_classes, where)
+                entry = {"id": case_id, "image_shape": list(image.shape), "spacing": list(check_spacing(spacing, where))}
+                if label is None:
+                    entry["labelled"] = False
+                label = validate_case(image, label, num_classes, where)
                 if in_channels is None:
                     in_channels = image.shape[0]
                 elif image.shape[0] != in_channels:
                     raise UserError(f"{where}: image has {image.shape[0]} channels, earlier cases have {in_channels}")
-                entry = {"id": case_id, "image_shape": list(image.shape), "spacing": list(check_spacing(spacing, where))}
                 for name, arr in (("image", image), ("label", label)):
                     pad = -offset % _ALIGN
                     out.write(b"\0" * pad)
@@ -108,7 +110,8 @@ class CacheStore(CaseStore):
     def __init__(self, location: str):
         with open(os.path.join(location, "meta.json")) as f:
             meta = json.load(f)
-        cases = [CaseInfo(c["id"], tuple(c["image_shape"]), tuple(c["spacing"])) for c in meta["cases"]]
+        cases = [CaseInfo(c["id"], tuple(c["image_shape"]), tuple(c["spacing"]), c.get("labelled", True))
+                 for c in meta["cases"]]
         super().__init__(DatasetHeader(meta["num_classes"], meta["class_names"], meta["in_channels"], cases,
                                        source=meta["source"]))
         self.location = location

@@ -7,6 +7,11 @@ Folder convention (one case = one pair of files, case id = the common prefix)::
     <case>_image.nii[.gz] + <case>_label.nii[.gz]   NIfTI (x, y, z[, c]); spacing from the header
     spacing.json          optional {"<case>": [z, y, x], ...} for NumPy cases (mm; default 1 1 1)
 
+With ``unlabelled=True`` (``data convert --unlabelled``) an image without a label (no
+``<case>_label`` file, no ``label`` array in the ``.npz``) becomes an unlabelled case, an image
+for distillation (see :mod:`datamodules.schema`); an unlabelled NumPy image with three axes is
+read as ``[D, H, W]``.
+
 NumPy images without a channel axis get one; a 2D image ``[H, W]`` becomes ``[1, 1, H, W]``
 (whether a 3-axis image is ``[D, H, W]`` or ``[C, H, W]`` is decided by the label's axes).
 NIfTI volumes are transposed from (x, y, z) to (z, y, x) and their zooms likewise. Images
@@ -36,8 +41,9 @@ class SourceCase:
     label: str | None = None
 
 
-def find_cases(folder: str) -> list[SourceCase]:
-    """Discover cases by the naming convention; unmatched halves are errors."""
+def find_cases(folder: str, unlabelled: bool = False) -> list[SourceCase]:
+    """Discover cases by the naming convention; unmatched halves are errors (an image alone is
+    an unlabelled case when ``unlabelled``)."""
     if not os.path.isdir(folder):
         raise UserError(f"convert: source {folder} is not a directory of cases")
     pairs: dict[tuple[str, str], dict[str, str]] = {}
@@ -52,11 +58,12 @@ def find_cases(folder: str) -> list[SourceCase]:
             kind = "nifti" if m["ext"].startswith("nii") else "npy"
             pairs.setdefault((m["case"], kind), {})[m["kind"]] = path
     for (case_id, kind), files in sorted(pairs.items()):
-        if set(files) != {"image", "label"}:
+        if "image" not in files or "label" not in files and not unlabelled:
             have = next(iter(files.values()))
             missing = "label" if "image" in files else "image"
-            raise UserError(f"convert: {have} has no matching {case_id}_{missing} file in {folder}")
-        cases.append(SourceCase(case_id, kind, files["image"], files["label"]))
+            hint = " (pass --unlabelled to store images without labels)" if missing == "label" else ""
+            raise UserError(f"convert: {have} has no matching {case_id}_{missing} file in {folder}{hint}")
+        cases.append(SourceCase(case_id, kind, files["image"], files.get("label")))
     ids = [c.case_id for c in cases]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
@@ -69,7 +76,12 @@ def find_cases(folder: str) -> list[SourceCase]:
     return sorted(cases, key=lambda c: c.case_id)
 
 
-def _to_layout(image: np.ndarray, label: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _to_layout(image: np.ndarray, label: np.ndarray | None, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    if label is None:  # unlabelled: [H,W] -> [1,1,H,W], [D,H,W] -> [1,D,H,W]
+        image = image[None, None] if image.ndim == 2 else image[None] if image.ndim == 3 else image
+        if image.ndim != 4:
+            raise UserError(f"{where}: image shape {list(image.shape)} does not fit [C,]D,H,W (or H,W)")
+        return image, None
     if label.ndim == 2:
         label = label[None]
         if image.ndim == 2:
@@ -101,38 +113,41 @@ def _image_to_float32(image: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
-def load_case(case: SourceCase, spacing_table: dict) -> tuple[str, np.ndarray, np.ndarray, tuple[float, float, float]]:
+def load_case(case: SourceCase, spacing_table: dict,
+              unlabelled: bool = False) -> tuple[str, np.ndarray, np.ndarray | None, tuple[float, float, float]]:
     where = f"convert {case.image}"
     spacing = spacing_table.get(case.case_id, (1.0, 1.0, 1.0))
     if case.kind == "npz":
         with np.load(case.image) as z:
-            for key in ("image", "label"):
+            for key in ("image",) if unlabelled else ("image", "label"):
                 if key not in z:
                     raise UserError(f"{where}: array {key!r} is missing (has {sorted(z.files)})")
-            image, label = z["image"], z["label"]
+            image, label = z["image"], z["label"] if "label" in z else None
             if "spacing" in z:
                 spacing = z["spacing"]
     elif case.kind == "npy":
-        image, label = np.load(case.image), np.load(case.label)
+        image, label = np.load(case.image), None if case.label is None else np.load(case.label)
     else:
         import nibabel as nib
 
         try:
-            img_nii, lab_nii = nib.load(case.image), nib.load(case.label)
+            img_nii = nib.load(case.image)
             image = np.asarray(img_nii.get_fdata(dtype=np.float32))
-            label = np.asanyarray(lab_nii.dataobj)
+            label = None if case.label is None else np.asanyarray(nib.load(case.label).dataobj)
         except Exception as e:  # nibabel raises many types for damaged files
             raise UserError(f"{where}: cannot read NIfTI ({e})") from None
         axes = (2, 1, 0) if image.ndim == 3 else (3, 2, 1, 0)
-        if image.ndim not in (3, 4) or label.ndim != 3:
-            raise UserError(f"{where}: NIfTI image must be (x, y, z[, c]) and label (x, y, z); got {image.shape} and {label.shape}")
+        if image.ndim not in (3, 4) or label is not None and label.ndim != 3:
+            got = f"{image.shape} and {label.shape}" if label is not None else f"{image.shape}"
+            raise UserError(f"{where}: NIfTI image must be (x, y, z[, c]) and label (x, y, z); got {got}")
         image = image.transpose(axes)
         if image.ndim == 3:
             image = image[None]
-        label = label.transpose(2, 1, 0)
+        label = None if label is None else label.transpose(2, 1, 0)
         spacing = tuple(float(s) for s in img_nii.header.get_zooms()[:3][::-1])
-    image, label = _to_layout(_image_to_float32(image, where), _label_to_uint8(np.asarray(label), where), where)
-    return case.case_id, image, np.ascontiguousarray(label), check_spacing(spacing, where)
+    label = None if label is None else _label_to_uint8(np.asarray(label), where)
+    image, label = _to_layout(_image_to_float32(image, where), label, where)
+    return case.case_id, image, None if label is None else np.ascontiguousarray(label), check_spacing(spacing, where)
 
 
 def read_spacing_table(folder: str, spacing_json: str | None) -> dict:
@@ -151,7 +166,7 @@ def read_spacing_table(folder: str, spacing_json: str | None) -> dict:
     return {k: check_spacing(v, f"{path} case {k!r}") for k, v in table.items()}
 
 
-def iter_folder_cases(folder: str, spacing_json: str | None = None) -> Iterator[tuple]:
+def iter_folder_cases(folder: str, spacing_json: str | None = None, unlabelled: bool = False) -> Iterator[tuple]:
     table = read_spacing_table(folder, spacing_json)
-    for case in find_cases(folder):
-        yield load_case(case, table)
+    for case in find_cases(folder, unlabelled):
+        yield load_case(case, table, unlabelled)

@@ -28,6 +28,7 @@ def _sample(store: CaseStore, case: int, key: int, image: np.ndarray, label: np.
         "label": torch.from_numpy(label.astype(np.int64)),
         "index": key,
         "case": store.cases[case].case_id,
+        "labelled": store.cases[case].labelled,
         "spacing": torch.from_numpy(np.asarray(store.cases[case].spacing, dtype=np.float64)),
     }
 
@@ -133,5 +134,6 @@ def collate(samples: list[dict]) -> dict:
         "label": torch.stack([_pad_to(s["label"], lab_shape) for s in samples]),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
         "case": [s["case"] for s in samples],
+        "labelled": torch.tensor([s["labelled"] for s in samples], dtype=torch.bool),
         "spacing": torch.stack([s["spacing"] for s in samples]),
     }

@@ -71,6 +71,7 @@ def write_h5(
     Args:
         path: destination ``.h5`` file (replaced atomically when complete).
         cases: iterable of cases; each is validated (dtype, shapes, label range, finite).
+            ``label=None`` writes an unlabelled case (zeros placeholder, ``labelled=False``).
         num_classes: classes including background.
         class_names: one name per class.
         compression: ``None`` (contiguous, memory-mappable: the fast read path), ``"lzf"`` or
@@ -91,7 +92,8 @@ def write_h5(
                 where = f"{path} case {case_id!r}"
                 if case_id in group:
                     raise UserError(f"{where}: duplicate case id")
-                validate_case(image, label, num_classes, where)
+                labelled = label is not None
+                label = validate_case(image, label, num_classes, where)
                 spacing = check_spacing(spacing, where)
                 if in_channels is None:
                     in_channels = image.shape[0]
@@ -99,6 +101,8 @@ def write_h5(
                     raise UserError(f"{where}: image has {image.shape[0]} channels, earlier cases have {in_channels}")
                 g = group.create_group(case_id)
                 g.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
+                if not labelled:
+                    g.attrs["labelled"] = False
                 opts = {}
                 if compression is not None:
                     opts = {"compression": compression, "shuffle": True}
@@ -210,7 +214,7 @@ def read_h5_header(path: str) -> tuple[DatasetHeader, list[tuple[int | None, int
             if "spacing" not in g.attrs:
                 raise UserError(f"{where}: attribute 'spacing' is missing (3 floats, z y x, mm)")
             spacing = check_spacing(g.attrs["spacing"], where)
-            cases.append(CaseInfo(case_id, tuple(int(s) for s in image.shape), spacing))
+            cases.append(CaseInfo(case_id, tuple(int(s) for s in image.shape), spacing, _labelled(g, where)))
             offsets.append((_mappable_offset(image), _mappable_offset(label)))
     if not cases:
         raise UserError(f"{path}: contains no cases (empty dataset)")
@@ -221,6 +225,13 @@ def read_h5_header(path: str) -> tuple[DatasetHeader, list[tuple[int | None, int
             raise UserError(f"{path}: case {info.case_id!r} lies beyond the end of the file (truncated file); regenerate or reconvert it")
     header = DatasetHeader(num_classes, class_names, in_channels, cases, source=path)
     return header, offsets
+
+
+def _labelled(group: h5py.Group, where: str) -> bool:
+    value = group.attrs.get("labelled", True)
+    if not isinstance(value, (bool, np.bool_)):
+        raise UserError(f"{where}: attribute 'labelled' is {value!r}, expected true or false")
+    return bool(value)
 
 
 def _mappable_offset(dset: h5py.Dataset) -> int | None:
@@ -266,12 +277,14 @@ class H5Store(CaseStore):
         return handles[1][i][1]
 
 
-def iter_h5_cases(path: str) -> Iterator[tuple[str, np.ndarray, np.ndarray, tuple[float, float, float]]]:
-    """Yield every case's arrays in file order (used to build caches and by ``inspect``)."""
+def iter_h5_cases(path: str) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, tuple[float, float, float]]]:
+    """Yield every case's arrays in file order (used to build caches and by ``inspect``);
+    ``label`` is None for an unlabelled case."""
     with open_h5(path) as f:
         for case_id, g in f["cases"].items():
             try:
                 image, label = g["image"][()], g["label"][()]
             except OSError as e:
                 raise UserError(f"{path} /cases/{case_id}: cannot read the arrays, the file is damaged ({e}); regenerate or reconvert it") from None
-            yield case_id, image, label, check_spacing(g.attrs["spacing"], f"{path} /cases/{case_id}")
+            where = f"{path} /cases/{case_id}"
+            yield case_id, image, label if _labelled(g, where) else None, check_spacing(g.attrs["spacing"], where)

@@ -170,15 +170,20 @@ def render_case(
     return np.stack(images), label, spacing
 
 
-def iter_phantom_cases(*, cases: int, shape, num_classes: int = 5, seed: int = 0, in_channels: int = 1, **render_kwargs):
-    """Yield ``(case_id, image, label, spacing)`` for ``cases`` phantoms."""
+def iter_phantom_cases(*, cases: int, shape, num_classes: int = 5, seed: int = 0, in_channels: int = 1,
+                       unlabelled: int = 0, **render_kwargs):
+    """Yield ``(case_id, image, label, spacing)`` for ``cases`` phantoms; the last
+    ``unlabelled`` of them with ``label=None`` (stored as unlabelled cases). Case ``i`` is the
+    same whatever ``cases`` is, so a file with extra unlabelled cases keeps the labelled ones."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"phantom: shape={list(shape)} must be (D, H, W) with sizes >= 1")
+    if not 0 <= int(unlabelled) < int(cases):
+        raise ValueError(f"phantom: unlabelled={unlabelled} must be in [0, cases={cases}): at least one case keeps its label")
     for i in range(int(cases)):
         rng = np.random.default_rng([int(seed), i])
         image, label, spacing = render_case(rng, shape, num_classes, in_channels, **render_kwargs)
-        yield f"case_{i:04d}", image, label, spacing
+        yield f"case_{i:04d}", image, None if i >= int(cases) - int(unlabelled) else label, spacing
 
 
 def generate_phantom_h5(
@@ -193,6 +198,7 @@ def generate_phantom_h5(
     noise_std: tuple[float, float] = (0.10, 0.18),
     lesion_contrast: tuple[float, float] = (0.10, 0.22),
     bias_strength: float = 0.15,
+    unlabelled: int = 0,
 ) -> str:
     """Generate a phantom dataset and write it atomically to ``path`` (``compressseg-h5``).
 
@@ -209,6 +215,8 @@ def generate_phantom_h5(
         noise_std: range of the per-case Gaussian noise sigma (raw intensity units).
         lesion_contrast: range of the lesion-to-liver intensity difference.
         bias_strength: amplitude of the multiplicative bias field (log scale).
+        unlabelled: the last ``unlabelled`` cases are written without their labels (for
+            distillation on unlabelled images). Default 0.
 
     Returns:
         ``path``.
@@ -219,7 +227,8 @@ def generate_phantom_h5(
     write_h5(
         os.fspath(path),
         iter_phantom_cases(cases=cases, shape=shape, num_classes=num_classes, seed=seed, in_channels=in_channels,
-                           noise_std=tuple(noise_std), lesion_contrast=tuple(lesion_contrast), bias_strength=bias_strength),
+                           noise_std=tuple(noise_std), lesion_contrast=tuple(lesion_contrast), bias_strength=bias_strength,
+                           unlabelled=unlabelled),
         num_classes=num_classes,
         class_names=class_names(num_classes),
         compression=compression,

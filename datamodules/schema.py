@@ -2,13 +2,16 @@
 
 A dataset is a list of cases. A case is an ``image`` (float32 ``[C, D, H, W]``), a ``label``
 (uint8 ``[D, H, W]``, values in ``[0, num_classes)``) and a ``spacing`` (three floats, z y x,
-in mm). 2D data is stored the same way and sliced along D. Dataset-level metadata is
+in mm). 2D data is stored the same way and sliced along D. A case may be *unlabelled* (an image
+nobody segmented, for distillation: the teacher labels it): its label is stored as zeros, a
+placeholder that keeps every reader's layout the same, and the case is flagged ``labelled =
+false``; the tuples that readers and writers pass around carry ``label=None`` for it. Dataset-level metadata is
 ``num_classes`` (background included), ``class_names`` and ``in_channels``.
 
 HDF5 layout (``format="compressseg-h5"``, ``version=1``)::
 
     /                 attrs: format, version, num_classes, class_names (JSON), in_channels
-    /cases/<case_id>/ attrs: spacing
+    /cases/<case_id>/ attrs: spacing, labelled (optional, default true)
         image         float32 [C, D, H, W]
         label         uint8   [D, H, W]
 
@@ -42,6 +45,7 @@ class CaseInfo:
     case_id: str
     image_shape: tuple[int, int, int, int]  # C, D, H, W
     spacing: tuple[float, float, float]  # z, y, x in mm
+    labelled: bool = True  # False: the stored label is a placeholder of zeros
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
@@ -65,6 +69,9 @@ class DatasetHeader:
             "in_channels": self.in_channels,
             "num_cases": len(self.cases),
         }
+        unlabelled = sum(not c.labelled for c in self.cases)
+        if unlabelled:
+            out["unlabelled_cases"] = unlabelled
         if spatial_dims is not None:
             out["spatial_dims"] = spatial_dims
         return out
@@ -124,9 +131,18 @@ def check_label_range(label: np.ndarray, num_classes: int, where: str) -> None:
         )
 
 
-def validate_case(image: np.ndarray, label: np.ndarray, num_classes: int, where: str) -> None:
-    """Full check of one case held in memory: shapes, dtypes, label range, finite image."""
+def placeholder_label(image: np.ndarray) -> np.ndarray:
+    """What an unlabelled case stores as its label: zeros of the image's spatial shape."""
+    return np.zeros(np.shape(image)[1:], LABEL_DTYPE)
+
+
+def validate_case(image: np.ndarray, label: np.ndarray | None, num_classes: int, where: str) -> np.ndarray:
+    """Full check of one case held in memory: shapes, dtypes, label range, finite image.
+    Returns the label to store (the placeholder when ``label`` is None: an unlabelled case)."""
+    if label is None:
+        label = placeholder_label(image)
     check_case_shapes(image.shape, image.dtype, label.shape, label.dtype, where)
     check_label_range(label, num_classes, where)
     if not np.isfinite(image).all():
         raise UserError(f"{where}: image contains NaN or Inf values; clean the source data")
+    return label

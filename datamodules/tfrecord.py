@@ -188,9 +188,12 @@ def ensure_index(path: str) -> np.ndarray:
 
 # -- examples ----------------------------------------------------------------------------------
 def encode_case(case_id: str, image: np.ndarray, label: np.ndarray, spacing, num_classes: int,
-                class_names: list[str]) -> dict:
-    """Feature dict for ``TFRecordWriter.write``."""
+                class_names: list[str], labelled: bool = True) -> dict:
+    """Feature dict for ``TFRecordWriter.write`` (an unlabelled case also gets ``labelled=0``;
+    records without that feature are labelled)."""
+    unlabelled = {} if labelled else {"labelled": (0, "int")}
     return {
+        **unlabelled,
         "format": (TFRECORD_FORMAT.encode(), "byte"),
         "version": (VERSION, "int"),
         "case_id": (case_id.encode(), "byte"),
@@ -231,8 +234,11 @@ def decode_case(payload: bytes, path: str, number: int, arrays: bool = True) -> 
     spacing_bytes = one("spacing", "bytes_list")
     if len(spacing_bytes) != 24:
         raise UserError(f"{where}: spacing must be 3 float64 (24 bytes), got {len(spacing_bytes)} bytes")
+    labelled = one("labelled", "int64_list") if "labelled" in feats else 1
+    if labelled not in (0, 1):
+        raise UserError(f"{where}: feature 'labelled' is {labelled!r}, expected 0 or 1")
     out = {"case_id": case_id, "image_shape": image_shape, "num_classes": num_classes, "class_names": class_names,
-           "spacing": check_spacing(np.frombuffer(spacing_bytes, "<f8"), where)}
+           "spacing": check_spacing(np.frombuffer(spacing_bytes, "<f8"), where), "labelled": bool(labelled)}
     if arrays:
         for key, shape, dtype in (("image", image_shape, IMAGE_DTYPE), ("label", label_shape, LABEL_DTYPE)):
             raw = one(key, "bytes_list")
@@ -264,12 +270,14 @@ def write_tfrecord(path: str, cases: Iterable[tuple[str, np.ndarray, np.ndarray,
                 where = f"{path} case {case_id!r}"
                 if case_id in seen:
                     raise UserError(f"{where}: duplicate case id")
-                validate_case(image, label, num_classes, where)
+                labelled = label is not None
+                label = validate_case(image, label, num_classes, where)
                 if in_channels is None:
                     in_channels = image.shape[0]
                 elif image.shape[0] != in_channels:
                     raise UserError(f"{where}: image has {image.shape[0]} channels, earlier cases have {in_channels}")
-                writer.write(encode_case(case_id, image, label, check_spacing(spacing, where), num_classes, class_names))
+                writer.write(encode_case(case_id, image, label, check_spacing(spacing, where), num_classes, class_names,
+                                         labelled))
                 seen.add(case_id)
                 count += 1
         finally:
@@ -294,7 +302,8 @@ def list_tfrecord_files(path: str) -> list[str]:
 
 
 def iter_tfrecord_cases(files: list[str], indexes: list[np.ndarray] | None = None):
-    """Yield ``(case_id, image, label, spacing)`` of every record, checking CRCs, schema,
+    """Yield ``(case_id, image, label, spacing)`` of every record (``label`` None for an
+    unlabelled case), checking CRCs, schema,
     dataset-level consistency and (if given) that each record sits where its index says."""
     first = None
     for k, path in enumerate(files):
@@ -313,7 +322,7 @@ def iter_tfrecord_cases(files: list[str], indexes: list[np.ndarray] | None = Non
             elif meta != first:
                 raise UserError(f"{path}: record {number} has num_classes/class_names/channels {meta}, earlier records {first}")
             count += 1
-            yield case["case_id"], case["image"], case["label"], case["spacing"]
+            yield case["case_id"], case["image"], case["label"] if case["labelled"] else None, case["spacing"]
         if indexes is not None and count != len(indexes[k]):
             raise _index_mismatch(index_path_for(path), path, f"the index lists {len(indexes[k])} records, the file has {count}")
 
@@ -343,7 +352,7 @@ class TFRecordStore(CaseStore):
                 first = first or meta
                 if meta != first:
                     raise UserError(f"{files[k]}: record {n} has num_classes/class_names/channels {meta}, earlier records {first}")
-                cases.append(CaseInfo(case["case_id"], case["image_shape"], case["spacing"]))
+                cases.append(CaseInfo(case["case_id"], case["image_shape"], case["spacing"], case["labelled"]))
         finally:
             for f in handles:
                 f.close()

@@ -67,8 +67,10 @@ def cmd_generate(args) -> int:
         names = phantom.class_names(args.num_classes)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if not 0 <= args.unlabelled < cases:
+        raise UserError(f"generate: --unlabelled {args.unlabelled} must be in [0, --cases {cases}): at least one case keeps its label")
     stream = phantom.iter_phantom_cases(cases=cases, shape=shape, num_classes=args.num_classes, seed=args.seed,
-                                        in_channels=args.channels)
+                                        in_channels=args.channels, unlabelled=args.unlabelled)
     compression = None if args.compression == "none" else args.compression
     n = write_cases(args.out, _progress(stream, cases, "generate"), fmt=fmt, num_classes=args.num_classes,
                     class_names=names, compression=compression)
@@ -83,17 +85,20 @@ def cmd_convert(args) -> int:
     fmt = output_format(args.out, args.format)
     if os.path.exists(args.out) and not args.force:
         raise UserError(f"{args.out} exists; pass --force to overwrite it")
-    count = len(find_cases(args.src))
+    count = len(find_cases(args.src, args.unlabelled))
     num_classes = args.num_classes
     if num_classes is None:  # a first pass over the labels only
-        top = max(int(label.max()) for _, _, label, _ in iter_folder_cases(args.src, args.spacing_json))
+        labels = (lab for _, _, lab, _ in iter_folder_cases(args.src, args.spacing_json, args.unlabelled) if lab is not None)
+        top = max((int(lab.max()) for lab in labels), default=None)
+        if top is None:
+            raise UserError(f"convert: {args.src} has no labelled case to infer the classes from; pass --num-classes")
         num_classes = max(top + 1, 2)
     if args.class_names:
         names = [n.strip() for n in args.class_names.split(",")]
     else:
         names = ["background"] + [f"class_{i}" for i in range(1, num_classes)]
     compression = None if args.compression == "none" else args.compression
-    n = write_cases(args.out, _progress(iter_folder_cases(args.src, args.spacing_json), count, "convert"), fmt=fmt,
+    n = write_cases(args.out, _progress(iter_folder_cases(args.src, args.spacing_json, args.unlabelled), count, "convert"), fmt=fmt,
                     num_classes=num_classes, class_names=names, compression=compression)
     print(f"wrote {n} cases ({num_classes} classes: {', '.join(names)}) to {args.out}")
     return 0
@@ -147,30 +152,36 @@ def inspect_file(path: str) -> dict:
     cases, counts, spacings, shapes = [], None, [], {}
     for case_id, image, label, spacing in stream:
         k = meta["num_classes"]
+        shapes[str(list(image.shape))] = shapes.get(str(list(image.shape)), 0) + 1
+        spacings.append(spacing)
+        if label is None:  # unlabelled: no class statistics
+            cases.append({"case": case_id, "shape": list(image.shape), "spacing": list(spacing), "labelled": False})
+            continue
         if label.size and int(label.max()) >= k:
             raise UserError(f"{path} case {case_id!r}: label value {int(label.max())} is out of range [0, {k})")
         c = np.bincount(label.reshape(-1), minlength=k)[:k]
         counts = c if counts is None else counts + c
-        shapes[str(list(image.shape))] = shapes.get(str(list(image.shape)), 0) + 1
-        spacings.append(spacing)
         cases.append({"case": case_id, "shape": list(image.shape), "spacing": list(spacing),
                       "classes_present": [int(i) for i in np.flatnonzero(c)]})
     if not cases:
         raise UserError(f"{path}: contains no cases (empty dataset)")
     sp = np.asarray(spacings)
-    total = int(counts.sum())
+    counts = np.zeros(meta["num_classes"], np.int64) if counts is None else counts
+    total = max(int(counts.sum()), 1)
+    labelled = [c for c in cases if c.get("labelled", True)]
     info.update({
         "file": path,
         "num_classes": meta["num_classes"],
         "class_names": meta["class_names"],
         "in_channels": meta["in_channels"],
         "num_cases": len(cases),
+        "unlabelled_cases": len(cases) - len(labelled),
         "dtypes": {"image": "float32", "label": "uint8"},
         "shapes": shapes,
         "spacing_zyx_mm": {"min": sp.min(0).tolist(), "median": np.median(sp, 0).tolist(), "max": sp.max(0).tolist()},
         "class_voxels": [int(v) for v in counts],
         "class_fraction": [float(v) / total for v in counts],
-        "cases_with_class": [sum(i in c["classes_present"] for c in cases) for i in range(meta["num_classes"])],
+        "cases_with_class": [sum(i in c["classes_present"] for c in labelled) for i in range(meta["num_classes"])],
         "cases": cases,
     })
     return info
@@ -180,7 +191,8 @@ def _print_inspect(info: dict, show_cases: bool) -> None:
     print(f"file        {info['file']}  ({info['format']}, {info['storage']})")
     if "index" in info:
         print(f"index       {info['index']}")
-    print(f"cases       {info['num_cases']}   in_channels {info['in_channels']}   "
+    unlabelled = f" ({info['unlabelled_cases']} unlabelled)" if info["unlabelled_cases"] else ""
+    print(f"cases       {info['num_cases']}{unlabelled}   in_channels {info['in_channels']}   "
           f"dtypes image {info['dtypes']['image']}, label {info['dtypes']['label']}")
     print("shapes      " + ", ".join(f"{s} x{n}" for s, n in info["shapes"].items()) + "   ([C, D, H, W])")
     sp = info["spacing_zyx_mm"]
@@ -192,7 +204,8 @@ def _print_inspect(info: dict, show_cases: bool) -> None:
               f"{info['cases_with_class'][i]:>5}")
     if show_cases:
         for c in info["cases"]:
-            print(f"  {c['case']:<24} {c['shape']}  spacing {c['spacing']}  classes {c['classes_present']}")
+            classes = f"classes {c['classes_present']}" if c.get("labelled", True) else "unlabelled"
+            print(f"  {c['case']:<24} {c['shape']}  spacing {c['spacing']}  {classes}")
 
 
 def cmd_inspect(args) -> int:
@@ -220,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-classes", type=int, default=5, help="2..5: background, liver, kidney, spleen, lesion")
     g.add_argument("--channels", type=int, default=1, choices=(1, 2))
+    g.add_argument("--unlabelled", type=int, default=0, metavar="N",
+                   help="the last N cases are stored without their labels (images for distillation)")
     g.add_argument("--compression", choices=("none", "lzf", "gzip"), default="none",
                    help="none (default) is the fast, memory-mapped read path")
     g.add_argument("--format", choices=("h5", "tfrecord"), help="default: from the --out extension")
@@ -235,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compression", choices=("none", "lzf", "gzip"), default="none")
     c.add_argument("--format", choices=("h5", "tfrecord"), help="default: from the --out extension")
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
+    c.add_argument("--unlabelled", action="store_true",
+                   help="store images that have no label as unlabelled cases (for distillation) instead of refusing them")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("inspect", help="summarise and validate an HDF5 or TFRecord data file")

@@ -127,9 +127,22 @@ class SegmentationModule(pl.LightningModule):
                 f"model.num_classes={self.num_classes} but the data has {data_classes} classes "
                 f"({getattr(dm, 'path', 'datamodule')}); set model.num_classes={data_classes}"
             )
+        if stage == "fit":
+            self._check_unlabelled_use(dm)
         if self.class_names is None:
             names = getattr(dm, "class_names", None)
             self.class_names = list(names) if names else [f"class{i}" for i in range(self.num_classes)]
+
+    def _check_unlabelled_use(self, dm) -> None:
+        splits, store = getattr(dm, "splits", None), getattr(dm, "store", None)
+        if not splits or store is None:
+            return
+        unlabelled = [store.cases[i].case_id for i in splits.get("train", []) if not store.cases[i].labelled]
+        if unlabelled and not any(getattr(cb, "learns_from_unlabelled", False) for cb in self.trainer.callbacks):
+            raise UserError(
+                f"{getattr(dm, 'path', 'data')}: {len(unlabelled)} training cases are unlabelled (e.g. {unlabelled[0]!r}) "
+                "but no callback learns from them; add the Distillation callback (its teacher labels them) or leave them out"
+            )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.net(image)
@@ -138,7 +151,7 @@ class SegmentationModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         outputs = self.net(batch["image"])
         self._check_output(outputs, batch)
-        terms = {"seg": self.supervised_weight * self.loss(outputs, batch["label"])}
+        terms = {"seg": self.supervised_weight * self.supervised_loss(outputs, batch)}
         for cb in self.trainer.callbacks if self._trainer else []:
             if isinstance(cb, LossContributor):
                 terms.update(cb.loss_terms(self, batch, outputs))
@@ -148,6 +161,19 @@ class SegmentationModule(pl.LightningModule):
             self.log(f"train/loss_{name}", value.detach(), batch_size=bs, sync_dist=False)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         return loss
+
+    def supervised_loss(self, outputs, batch: dict[str, Any]) -> torch.Tensor:
+        """``self.loss`` over the batch's labelled samples. Unlabelled samples (there for
+        distillation) carry placeholder labels and are left out; a batch of only unlabelled
+        samples gives a zero that still touches every output, so DDP sees every parameter used."""
+        labelled = batch.get("labelled")
+        if labelled is None or bool(labelled.all()):
+            return self.loss(outputs, batch["label"])
+        many = isinstance(outputs, (list, tuple))
+        if not bool(labelled.any()):
+            return sum(o.sum() for o in (outputs if many else [outputs])) * 0.0
+        keep = labelled.to(batch["label"].device)
+        return self.loss([o[keep] for o in outputs] if many else outputs[keep], batch["label"][keep])
 
     def _check_output(self, outputs, batch) -> None:
         main = outputs[0] if isinstance(outputs, (list, tuple)) else outputs

@@ -182,6 +182,12 @@ class Distillation(pl.Callback):
             ``2 * divisor`` per axis.
     """
 
+    # every term compares student and teacher, not the label (``correct_only`` counts all of an
+    # unlabelled sample), so unlabelled training cases (``labelled=False``) are distilled like
+    # the others; SegmentationModule leaves them out of the supervised loss and refuses them
+    # when no callback declares this
+    learns_from_unlabelled = True
+
     def __init__(
         self,
         teacher: str | list[str] | None = None,
@@ -403,6 +409,9 @@ class Distillation(pl.Callback):
         self._check_logits(outs[0], t_logits)
         if self.correct_only:
             right = t_logits.argmax(1) == batch["label"].to(t_logits.device)
+            if "labelled" in batch:  # an unlabelled sample has no label to check against: all of it counts
+                unlabelled = ~batch["labelled"].to(right.device)
+                right |= unlabelled.view(-1, *[1] * (right.dim() - 1))
             mask = right if mask is None else mask & right
         with torch.autocast(device_type=outs[0].device.type, enabled=False):
             return self._weighted_terms(pl_module, outs, s_feats, t_logits, t_feats, mask)
