@@ -1,7 +1,9 @@
 """A tiny in-memory datamodule for unit tests of training-side code (no files, seconds).
 
 It obeys the framework's batch contract: ``{"image": float32 [B, C, *S], "label": int64
-[B, *S], "index": int64 [B], "case": list[str]}``; validation yields whole images. Import
+[B, *S], "index": int64 [B], "case": list[str], "labelled": bool [B]}``; validation yields
+whole images. ``n_unlabelled`` training items follow the labelled ones, with placeholder
+labels of zeros and ``labelled=False`` (as unlabelled cases of a data file). Import
 it in tests as ``from tinydata import TinySegDataModule`` (``tests/`` is on sys.path via
 conftest), or name ``tinydata.TinySegDataModule`` as ``class_path`` with ``tests/`` on
 PYTHONPATH.
@@ -25,14 +27,15 @@ def make_sample(index: int, spatial_dims: int, size: int, num_classes: int, seed
         dist2 = sum((gr - c) ** 2 for gr, c in zip(grids, center))
         label[dist2 < radius**2] = cls
     image = label.float()[None] / num_classes + 0.15 * torch.randn((1, *shape), generator=g)
-    return {"image": image, "label": label, "index": torch.tensor(index), "case": f"case{index:03d}"}
+    return {"image": image, "label": label, "index": torch.tensor(index), "case": f"case{index:03d}", "labelled": True}
 
 
 class TinySegDataModule(pl.LightningDataModule):
-    """Args: spatial_dims (2|3), size (edge length), n_train, n_val, num_classes, batch_size, seed."""
+    """Args: spatial_dims (2|3), size (edge length), n_train, n_val, num_classes, batch_size, seed,
+    n_unlabelled."""
 
     def __init__(self, spatial_dims: int = 2, size: int = 32, n_train: int = 8, n_val: int = 4,
-                 num_classes: int = 3, batch_size: int = 4, seed: int = 0):
+                 num_classes: int = 3, batch_size: int = 4, seed: int = 0, n_unlabelled: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.spatial_dims = spatial_dims
@@ -41,6 +44,9 @@ class TinySegDataModule(pl.LightningDataModule):
         self.class_names = ["background"] + [f"organ{i}" for i in range(1, num_classes)]
         h = self.hparams
         self.train_items = [make_sample(i, spatial_dims, size, num_classes, seed) for i in range(n_train)]
+        for i in range(n_train, n_train + n_unlabelled):
+            item = make_sample(i, spatial_dims, size, num_classes, seed)
+            self.train_items.append({**item, "label": torch.zeros_like(item["label"]), "labelled": False})
         self.val_items = [make_sample(10_000 + i, spatial_dims, size, num_classes, seed) for i in range(n_val)]
 
     def train_dataloader(self):

@@ -46,6 +46,7 @@ def test_batch_contract(data_files, dims):
     assert b["index"].dtype == torch.int64 and b["index"].shape == (2,)
     assert isinstance(b["case"], list) and all(isinstance(c, str) for c in b["case"])
     assert b["spacing"].shape == (2, 3)
+    assert b["labelled"].dtype == torch.bool and b["labelled"].tolist() == [True, True]
     v = next(iter(dm.val_dataloader()))
     if dims == 2:
         assert tuple(v["image"].shape) == (2, 1, 32, 32)  # full slices, val_batch_size = batch_size

@@ -3,6 +3,8 @@
 Usage: ``torchrun --standalone --nproc_per_node=2 ddp_distill_worker.py TEACHER OUT_JSON``.
 Rank 0 writes what the test checks: adapters identical on both ranks after training (DDP
 synchronised their gradients), the teacher outside the DDP-wrapped module, finite losses.
+The last batch of each rank holds only unlabelled samples (supervised loss 0, distillation
+terms as usual), which DDP must get through like any other.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ def main(teacher: str, out: str) -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, callbacks=[cb],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(student, datamodule=TinySegDataModule(size=16, n_train=8, batch_size=2))
+    # 12 items, rank r takes items r, r+2, ...: batches of 2, the third one unlabelled on both
+    trainer.fit(student, datamodule=TinySegDataModule(size=16, n_train=8, n_unlabelled=4, batch_size=2))
     adapter = student.distill_adapters["feat_decoders_1"].weight.detach().flatten()
     gathered = [torch.zeros_like(adapter) for _ in range(2)]
     dist.all_gather(gathered, adapter)
