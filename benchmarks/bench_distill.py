@@ -27,7 +27,8 @@ in that many processes (the Dice of a seed does not depend on the process):
    cases and the validation split are unchanged; the supervised loss skips the unlabelled
    samples, the distillation terms use them; the offline cache covers them). What a teacher
    adds beyond the labels is its function on images nobody labelled, and distilling on more
-   of them is how students catch up with teachers (Beyer et al. 2022; Xie et al. 2020);
+   of them is how students catch up with teachers (Beyer et al. 2022; Xie et al. 2020): online
+   0.66 points below the teacher with them, 2.03 without (3 seeds, 2026-12-07);
 4. Dice: mean foreground Dice (global per class) on whole validation slices, the framework's
    ``val/dice``;
 5. step time: the wall time from ``on_train_batch_start`` to ``on_train_batch_end``
