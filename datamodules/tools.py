@@ -3,6 +3,7 @@
     python launch.py data generate --out data/phantom2d.h5 --dims 2
     python launch.py data generate --out data/phantom3d.tfrecord.gz --dims 3 --cases 24
     python launch.py data convert cases/ --out data/mine.h5 --num-classes 3
+    python launch.py data convert cases/ --out data/mixed.h5 --unlabelled   # images without labels too
     python launch.py data inspect data/phantom2d.h5
 
 :func:`main` returns the exit status: 0 on success, 2 after printing ``error: <message>``
