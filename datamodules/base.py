@@ -72,7 +72,7 @@ def _check_arguments(name: str, *, spatial_dims, patch_size, pad_multiple, batch
         if unknown:
             raise UserError(f"{name}: generate has unknown keys {unknown}; allowed: {sorted(allowed)}")
         cases, unlabelled = generate.get("cases", phantom.DEFAULTS_2D["cases"]), generate.get("unlabelled", 0)
-        if not 0 <= unlabelled < cases:
+        if not isinstance(unlabelled, int) or not isinstance(cases, int) or not 0 <= unlabelled < cases:
             raise UserError(f"{name}: generate.unlabelled={unlabelled} must be in [0, cases={cases}): at least one case keeps its label")
 
 

@@ -73,7 +73,7 @@ def test_unlabelled_cases_cannot_be_evaluated_or_fill_a_file(files, tmp_path):
         make_dm(files["h5"], 2, val_cases=["case_0001", "case_0007"])
     from datamodules.hdf5 import HDF5SegDataModule
 
-    for bad in (10, -1):
+    for bad in (10, -1, "3"):
         with pytest.raises(UserError, match=rf"generate.unlabelled={bad} must be in \[0, cases=10\)"):
             HDF5SegDataModule(str(tmp_path / "x.h5"), 2, [16, 16], generate={"cases": 10, "unlabelled": bad})
     assert not (tmp_path / "x.h5").exists()

@@ -91,7 +91,7 @@ def test_taylor_abs_accumulation_sums_per_batch_magnitudes():
         net[0].weight.fill_(1.0)
     x = torch.ones(1, 1, 1, 1)
     batches = [{"image": x, "label": torch.tensor(1.0)}, {"image": x, "label": torch.tensor(-1.0)}]
-    loss = lambda out, y: (out.sum() * y)  # noqa: E731  d/dw = y
+    loss = lambda out, b: (out.sum() * b["label"])  # noqa: E731  d/dw = label
     assert taylor_gradients(net, batches, loss, accumulate="sum") == 2
     assert net[0].weight.grad.item() == 0.0
     assert taylor_gradients(net, batches, loss, accumulate="abs") == 2
@@ -106,7 +106,7 @@ def test_importance_criteria(importance):
     if importance == "taylor":
         batch = [make_sample(i, 2, 16, 3) for i in range(4)]
         batches = [{"image": torch.stack([b["image"] for b in batch]), "label": torch.stack([b["label"] for b in batch])}]
-        assert taylor_gradients(net, batches, lambda out, y: nn.functional.cross_entropy(out, y)) == 1
+        assert taylor_gradients(net, batches, lambda out, b: nn.functional.cross_entropy(out, b["label"])) == 1
     prune_channels(net, 0.5, importance=importance)
     assert conv_out_channels(net)["encoders.1.0"] == 8
     assert all(p.grad is None for p in net.parameters())
@@ -156,3 +156,25 @@ def test_cumulative_rounds_reach_the_same_widths_as_one_shot():
     for ratio in (1 / 6, 2 / 6, 0.5):
         record(net2, StructuredPrune, prune_channels(net2, ratio))
     assert conv_out_channels(net2)["encoders.2.0"] == 32  # with history: ratios of the original widths
+
+
+def test_taylor_with_the_module_loss_ignores_unlabelled_samples():
+    # PruneRetrain scores with SegmentationModule.supervised_loss: placeholder labels of
+    # unlabelled samples must not move the gradients
+    from tinydata import make_sample
+    from trainer.module import SegmentationModule
+
+    net = trained_unet(steps=5)
+    module = SegmentationModule(net, num_classes=3)
+    items = [make_sample(i, 2, 16, 3) for i in range(4)]
+    image, label = torch.stack([b["image"] for b in items]), torch.stack([b["label"] for b in items])
+    mixed = {"image": image, "label": label.clone(), "labelled": torch.tensor([True, False, True, False])}
+    mixed["label"][~mixed["labelled"]] = 0  # placeholders
+    subset = {"image": image[[0, 2]], "label": label[[0, 2]]}
+    taylor_gradients(net, [mixed], module.supervised_loss)
+    got = [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+    taylor_gradients(net, [subset], module.supervised_loss)
+    for a, b in zip(got, net.parameters()):
+        assert (a is None) == (b.grad is None)
+        assert a is None or torch.allclose(a, b.grad, atol=1e-6)
+    assert any(g is not None and g.abs().sum() > 0 for g in got)

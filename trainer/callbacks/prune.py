@@ -80,17 +80,6 @@ def _is_quantized(net: nn.Module) -> bool:
     return any(hasattr(m, "weight_quant") for m in net.modules())
 
 
-def _labelled_part(batch: dict) -> dict | None:
-    """Image and label of the batch's labelled samples (None if it has none): the Taylor
-    score's loss needs real labels, and unlabelled cases only carry placeholders."""
-    keep = batch.get("labelled")
-    if keep is None or bool(keep.all()):
-        return {"image": batch["image"], "label": batch["label"]}
-    if not bool(keep.any()):
-        return None
-    return {"image": batch["image"][keep], "label": batch["label"][keep]}
-
-
 class PruneRetrain(pl.Callback):
     """Prune ``pl_module.net`` in rounds and retrain between them.
 
@@ -352,14 +341,15 @@ class PruneRetrain(pl.Callback):
         return loader
 
     def _taylor(self, trainer: pl.Trainer, pl_module: pl.LightningModule, net: nn.Module) -> None:
-        loss = getattr(pl_module, "loss", None)
+        # the module's own supervised loss: it leaves out unlabelled samples (placeholder labels)
+        loss = getattr(pl_module, "supervised_loss", None)
         if not callable(loss):
-            raise UserError(f"PruneRetrain: importance 'taylor' needs {type(pl_module).__name__}.loss(outputs, labels)")
+            raise UserError(f"PruneRetrain: importance 'taylor' needs {type(pl_module).__name__}.supervised_loss(outputs, batch)")
         device = next(net.parameters()).device
         rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
         try:  # the extra batches must not shift the run's random stream
-            loader = itertools.islice(self._train_loader(trainer, pl_module), self.taylor_batches)
-            batches = ({k: v.to(device) for k, v in b.items()} for b in map(_labelled_part, loader) if b is not None)
+            batches = ({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+                       for b in itertools.islice(self._train_loader(trainer, pl_module), self.taylor_batches))
             reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
             n = taylor_gradients(net, batches, loss, reduce, self.taylor_accumulate)
         finally:

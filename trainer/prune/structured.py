@@ -467,11 +467,12 @@ class StructuredPrune:
 def taylor_gradients(
     net: nn.Module,
     batches: Sequence[dict[str, torch.Tensor]] | Iterator[dict[str, torch.Tensor]],
-    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     accumulate: Literal["sum", "abs"] = "sum",
 ) -> int:
-    """Put the loss gradients of ``batches`` into ``.grad`` for first-order Taylor importance.
+    """Put the loss gradients of ``batches`` into ``.grad`` for first-order Taylor importance;
+    ``loss_fn(net(batch["image"]), batch)`` gives each batch's loss.
 
     Eval mode (running statistics untouched, deterministic). ``accumulate="sum"`` sums the
     gradients over batches, so the score is ``|w * sum_b g_b|`` per weight (Torch-Pruning's
@@ -491,7 +492,7 @@ def taylor_gradients(
     n = 0
     with torch.enable_grad():
         for batch in batches:
-            loss_fn(net(batch["image"]), batch["label"]).backward()
+            loss_fn(net(batch["image"]), batch).backward()
             n += 1
             if accumulate == "abs":
                 for i, p in enumerate(params):
