@@ -7,6 +7,7 @@ Commands:
     setup                    only create/update the .venv
     fit|validate|test|predict --config recipes/X.yaml   (LightningCLI)
     export --ckpt PATH --format onnx --out DIR
+    verify ARTIFACT_DIR [--data FILE]          re-verify an export here (deployment machine), exit 0/2
     quantize --ckpt PATH --out NEW.ckpt        post-training quantization
     distill-cache --teacher CKPT --data-config recipes/X.yaml --out FILE
     data generate|convert|inspect ...

@@ -283,12 +283,14 @@ class SegDataModule(L.LightningDataModule):
             base = len(train)
         return round_train_samples(base, world_size, self.batch_size)
 
-    def make_dataloader(self, split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0):
+    def make_dataloader(self, split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                        cases: list[int] | None = None):
         """The loader of ``split`` ("train", "val", "test") for an explicit rank and world
-        size; ``train_dataloader`` etc. call it with the values of the running job."""
+        size; ``train_dataloader`` etc. call it with the values of the running job. ``cases``
+        (indices into the file) replaces the split's own cases."""
         if self.store is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before building dataloaders")
-        cases = self.splits.get(split, [])
+        cases = self.splits.get(split, []) if cases is None else cases
         where = f"{self.path} {split} split"
         if split == "train":
             n = self.num_train_samples(world_size)
@@ -305,6 +307,14 @@ class SegDataModule(L.LightningDataModule):
         sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size, shuffle=False, what=where)
         return DataLoader(dataset, sampler=sampler, batch_size=self.val_batch_size, collate_fn=collate,
                           **self._loader_kwargs())
+
+    def labelled_dataloader(self):
+        """Every labelled case of the file, as evaluation batches (whole slices or volumes):
+        ``launch.py verify --data`` checks an artifact on a file no training run split."""
+        if self.store is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before building dataloaders")
+        labelled = [i for i, case in enumerate(self.store.header.cases) if case.labelled]
+        return self.make_dataloader("labelled", cases=labelled)
 
     # -- internals ---------------------------------------------------------------------------
     def _ensure_source(self) -> None:

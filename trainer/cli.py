@@ -40,6 +40,7 @@ def _lazy(module: str, attr: str = "main") -> Callable[[list[str]], int]:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "export": _lazy("trainer.export.cli"),
+    "verify": _lazy("trainer.export.verify_cli"),
     "data": _lazy("datamodules.tools"),
     "main": _lazy("trainer.main_job"),
     "setup": lambda argv: 0,

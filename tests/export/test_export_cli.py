@@ -117,3 +117,41 @@ def test_export_from_a_real_checkpoint(tmp_path, subprocess_env, capsys):
     assert "--overwrite" in _error_line(capsys)
     assert main(["--ckpt", str(ckpt), "--format", "onnx-fp16", "--out", str(out), "--overwrite", "--threads", "1"]) == 0
     assert json.loads((out / CARD_NAME).read_text())["format"] == "onnx-fp16"
+
+
+def test_verify_on_a_new_data_file_against_pytorch(tmp_path, subprocess_env):
+    """The deployment-site path: an artifact exported from an HDF5 run, verified with
+    `launch.py verify --data` on another file (other phantom seed) against the checkpoint."""
+    recipe = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+                    "use_distributed_sampler": False, "default_root_dir": str(tmp_path / "run"),
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "filename": "last"}}]},
+        "model": {"net": {"class_path": "trainer.models.UNet",
+                          "init_args": {"spatial_dims": 2, "num_classes": 3, "depth": 2, "base_channels": 4}},
+                  "num_classes": 3, "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}}},
+        "data": {"class_path": "datamodules.hdf5.HDF5SegDataModule",
+                 "init_args": {"path": str(tmp_path / "train.h5"), "spatial_dims": 2, "patch_size": [32, 32],
+                               "batch_size": 4, "num_workers": 0, "samples_per_epoch": 8, "val_fraction": 0.34,
+                               "generate": {"cases": 3, "shape": [3, 32, 32], "seed": 0, "num_classes": 3}}},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "launch.py"), *a], env=subprocess_env, cwd=ROOT,  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    assert run("fit", "--config", str(tmp_path / "r.yaml")).returncode == 0
+    ckpt, out = tmp_path / "ckpt" / "last.ckpt", tmp_path / "onnx"
+    proc = run("export", "--ckpt", str(ckpt), "--format", "onnx", "--out", str(out), "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    other = tmp_path / "site.h5"
+    assert run("data", "generate", "--out", str(other), "--cases", "2", "--shape", "2", "32", "32", "--seed", "7",
+               "--num-classes", "3").returncode == 0
+    proc = run("verify", str(out), "--data", str(other), "--ckpt", str(ckpt), "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"of {other}" in proc.stdout and "verified" in proc.stdout
+    # the card's checkpoint is found by itself; a file with other classes is refused in one line
+    wrong = tmp_path / "five.h5"
+    assert run("data", "generate", "--out", str(wrong), "--cases", "1", "--shape", "1", "32", "32").returncode == 0
+    proc = run("verify", str(out), "--data", str(wrong))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "has 5 classes but the artifact outputs 3" in proc.stderr

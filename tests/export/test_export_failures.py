@@ -14,6 +14,7 @@ from export_helpers import unet
 from trainer.errors import UserError
 from trainer.export import BuildResult, ExportFormat, VerificationError, export_artifact, register_format
 from trainer.export import known_formats, registry
+from trainer.export.bundle import BUNDLE_NAME
 from trainer.export.card import CARD_NAME
 
 
@@ -141,7 +142,7 @@ def test_non_empty_out_dir_needs_overwrite(tmp_path, net2d, data2d, meta2d):
         export_artifact(net2d, "onnx", out, data2d["val"], meta2d)
     assert (out / "notes.txt").read_text() == "mine"
     artifact = export_artifact(net2d, "onnx", out, data2d["val"], meta2d, overwrite=True, threads=1)
-    assert sorted(p.name for p in out.iterdir()) == sorted([CARD_NAME, "model.onnx"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([CARD_NAME, "model.onnx", BUNDLE_NAME])
     assert artifact.exists() and _leftovers(tmp_path) == []
 
 

@@ -44,19 +44,25 @@ def test_fp16_keeps_instance_norm_in_float32(tmp_path, data2d, meta2d):
 
 
 def test_int8_cpu_artifact_is_quantized_and_verified(tmp_path, net2d, data2d, meta2d):
-    # This 8-channel toy net keeps the argmax (>= 99.9%) but ~0.2% of its logits land more
-    # than 2 output steps off, above the default 0.1%: small nets accumulate relatively more
-    # rounding noise. The documented knob is the tolerance, relaxed here in the open.
-    tol = {"max_exceed_fraction": 0.01}
+    # This 8-channel toy net keeps the argmax (>= 99.9%) but ~2% of its logits land more than
+    # 2 output steps off (0.2% with 8-bit weights), above the default 0.1%: small nets
+    # accumulate relatively more rounding noise, and 7-bit weights (the default, correct on
+    # every CPU) add some. The documented knob is the tolerance, relaxed here in the open.
+    tol = {"max_exceed_fraction": 0.05}
     artifact = export_artifact(net2d, "onnx-int8-cpu", tmp_path / "out", data2d["val"], meta2d, threads=1, tolerance=tol)
     card = _card(artifact)
     quantized = card["details"]["quantized_ops"]
     assert quantized["QuantizeLinear"] > 0 and quantized["DequantizeLinear"] > 0
     int8_weights = [t for t in onnx.load(str(artifact)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(int8_weights) >= 11  # every Conv weight
+    # 7-bit weights: no pair of products can overflow a 16-bit sum on any CPU
+    assert max(abs(onnx.numpy_helper.to_array(t).astype(int)).max() for t in int8_weights) <= 64
+    accumulation = card["verification"]["static_checks"]["int8_accumulation"]
+    assert accumulation["safe_on_every_cpu"] and accumulation["worst_pair_bound"] <= 32767
+    assert card["verification"]["machine"]["onnxruntime"] and card["verification"]["machine"]["arch"]
     assert card["details"]["output_step"] > 0
     assert card["verification"]["tolerance"] == {
-        "atol": 2.0, "unit": "quant_step", "max_exceed_fraction": 0.01,
+        "atol": 2.0, "unit": "quant_step", "max_exceed_fraction": 0.05,
         "min_argmax_agreement": 0.999, "max_dice_drop": None,
     }
     assert card["verification"]["passed"] and card["metrics"]["argmax_agreement"] >= 0.999
@@ -114,6 +120,6 @@ class FakeQuantInput(torch.nn.Module):
 def test_int8_cpu_refuses_an_already_quantized_network(tmp_path, net2d, data2d, meta2d):
     from trainer.errors import UserError
 
-    with pytest.raises(UserError, match="FakeQuantInput already exports Q/DQ nodes .* use --format onnx-qdq"):
+    with pytest.raises(UserError, match="FakeQuantInput exports Q/DQ nodes of its own: use --format onnx-qdq"):
         export_artifact(FakeQuantInput(net2d), "onnx-int8-cpu", tmp_path / "out", data2d["val"], meta2d, threads=1)
     assert not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ from trainer.export import (
     ort_session,
     simplify_onnx,
 )
+from trainer.export.bundle import BUNDLE_NAME
 from trainer.export.card import CARD_NAME
 
 
@@ -114,7 +115,7 @@ def test_model_card_fields_and_hashes(tmp_path, net2d, data2d):
     meta = ExportMeta(spatial_dims=2, num_classes=3, class_names=["bg", "box", "ball"], divisor=4, checkpoint=ckpt)
     artifact = export_artifact(net2d, "onnx", tmp_path / "out", data2d["val"], meta, threads=1)
     card = _card(artifact)
-    assert sorted(p.name for p in artifact.parent.iterdir()) == sorted([CARD_NAME, "model.onnx"])
+    assert sorted(p.name for p in artifact.parent.iterdir()) == sorted([CARD_NAME, "model.onnx", BUNDLE_NAME])
     assert card["card_version"] == 1 and card["format"] == "onnx" and card["opset"] == 17
     assert card["artifact"] == {
         "file": "model.onnx",

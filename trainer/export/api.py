@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from trainer.errors import UserError
 from trainer.export import card as cards
+from trainer.export.bundle import DEFAULT_MAX_MB, write_bundle
+from trainer.export.machine import machine_info
 from trainer.export.onnx_tools import INPUT_NAME, OUTPUT_NAME, axis_names
 from trainer.export.registry import BuildContext, ExportFormat, get_format
 from trainer.export.verify import Tolerance, VerificationError, verify_artifact
@@ -180,6 +182,7 @@ def export_artifact(
     max_batches: int | None = None,
     threads: int = 0,
     format_options: Mapping[str, Any] | None = None,
+    bundle_max_mb: float = DEFAULT_MAX_MB,
 ) -> Path:
     """Export ``net`` as ``format`` into ``out_dir``, verify it, write its model card.
 
@@ -197,6 +200,8 @@ def export_artifact(
         max_batches: verify on at most this many batches (``None``: all).
         threads: onnxruntime threads during verification (0: all cores).
         format_options: keyword options for the format when ``format`` is a name.
+        bundle_max_mb: size cap of the verification data written next to the artifact for
+            ``launch.py verify`` (inputs, labels, PyTorch logits); 0 writes none. Default 64.
 
     Returns:
         Path of the artifact file inside ``out_dir``.
@@ -242,17 +247,23 @@ def export_artifact(
             work_dir=work, input_shapes=_observed_shapes(batches, meta, probe), threads=threads,
         )
         result = fmt.build(ctx)
+        static = fmt.static_checks(result.artifact)  # data-free checks that hold on every machine
         tol = _tolerance(fmt.tolerance_for(result), tolerance)
+        references: list[torch.Tensor] = []
         report = verify_artifact(
-            lambda x: model(x), fmt.predictor(result.artifact, ctx), batches,
+            lambda x: model(x), fmt.predictor(result.artifact, ctx.threads), batches,
             num_classes=meta.num_classes, class_names=meta.class_names, tolerance=tol,
             roi_size=meta.roi_size, divisor=meta.divisor, overlap=meta.overlap,
-            output_step=result.output_step, probe=probe,
+            output_step=result.output_step, probe=probe, keep_references=references,
         )
         if not report.passed:
             raise VerificationError(report.message(f"{fmt.name} artifact of {type(net).__name__}"))
         shutil.rmtree(work)
+        with torch.no_grad():
+            probe_reference = model(probe)
+        bundle = write_bundle(staging, batches, references, probe, probe_reference, max_mb=bundle_max_mb)
         card = _card(fmt, result, report, ctx, net, in_channels, opset)
+        card["verification"].update(output_step=result.output_step, static_checks=static, machine=machine_info(), bundle=bundle)
         cards.write_card(card, staging)
         _publish(staging, out)
     except BaseException:

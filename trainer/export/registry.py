@@ -138,11 +138,18 @@ class ExportFormat:
     def build(self, ctx: BuildContext) -> BuildResult:
         raise NotImplementedError
 
-    def predictor(self, artifact: Path, ctx: BuildContext) -> Predictor:
-        """A callable ``[b, C, *S] float32 -> [b, K, *S] float32`` running the artifact."""
+    def predictor(self, artifact: Path, threads: int = 0) -> Predictor:
+        """A callable ``[b, C, *S] float32 -> [b, K, *S] float32`` running the artifact
+        (``threads``: runtime threads, 0 = all cores)."""
         from trainer.export.onnx_tools import OrtPredictor, ort_session
 
-        return OrtPredictor(ort_session(artifact, threads=ctx.threads))
+        return OrtPredictor(ort_session(artifact, threads=threads))
+
+    def static_checks(self, artifact: Path) -> dict[str, Any]:
+        """Checks of the file itself that need no data and hold on every machine; run before the
+        artifact is executed, at export and by ``launch.py verify``. Returns the card's
+        ``verification.static_checks`` section; raises ``VerificationError`` on a defect."""
+        return {}
 
     def tolerance_for(self, result: BuildResult) -> Tolerance:
         """The default tolerance for this build (e.g. depending on the precision built)."""

@@ -236,7 +236,7 @@ class _Comparer:
 
 @torch.no_grad()
 def verify_artifact(
-    reference: Predictor,
+    reference: Predictor | Sequence[torch.Tensor],
     candidate: Predictor,
     batches: Iterable[dict[str, torch.Tensor]],
     *,
@@ -248,11 +248,15 @@ def verify_artifact(
     overlap: float = 0.5,
     output_step: float | None = None,
     probe: torch.Tensor | None = None,
+    probe_reference: torch.Tensor | None = None,
+    keep_references: list[torch.Tensor] | None = None,
 ) -> VerificationReport:
     """Compare ``candidate`` (the artifact) with ``reference`` (PyTorch) on ``batches``.
 
     Args:
-        reference, candidate: ``[b, C, *S] -> [b, K, *S]`` callables.
+        reference: a ``[b, C, *S] -> [b, K, *S]`` callable, or the reference logits of each
+            batch computed earlier (``launch.py verify`` replays a stored verification set).
+        candidate: the artifact as such a callable.
         batches: dicts with ``"image"`` ``[B, C, *S]`` float and ``"label"`` ``[B, *S]`` int.
         num_classes, class_names: for Dice.
         tolerance: pass/fail thresholds.
@@ -260,14 +264,20 @@ def verify_artifact(
         output_step: the artifact's output quantization step, if known.
         probe: an extra input (another batch size and spatial size than the data) run
             directly through both, to catch shapes baked in at trace time.
+        probe_reference: the reference output for ``probe`` when ``reference`` is stored logits.
+        keep_references: if given, each batch's reference logits are appended to it.
     """
+    stored = not callable(reference)
     report = VerificationReport(tolerance=tolerance, class_names=list(class_names))
     report.reference_dice = DiceCounts(num_classes)
     report.artifact_dice = DiceCounts(num_classes)
     comparer = _Comparer(report, output_step)
     for i, batch in enumerate(batches):
         image = batch["image"].float()
-        ref = predict_logits(reference, image, roi_size=roi_size, overlap=overlap, divisor=divisor)
+        ref = reference[i].float() if stored else predict_logits(reference, image, roi_size=roi_size, overlap=overlap,
+                                                                  divisor=divisor)
+        if keep_references is not None:
+            keep_references.append(ref)
         out = predict_logits(candidate, image, roi_size=roi_size, overlap=overlap, divisor=divisor).float()
         report.batches += 1
         if not comparer.compare(f"batch {i}", ref, out):
@@ -281,9 +291,10 @@ def verify_artifact(
     if report.batches == 0:
         report.failures.append("no validation batches to verify on")
         return report
-    if probe is not None:
+    if probe is not None and (not stored or probe_reference is not None):
         exceed_before, logits_before = report.exceed, report.logits
-        ok = comparer.compare(f"shape probe {tuple(probe.shape)}", reference(probe), candidate(probe).float())
+        ref = probe_reference.float() if stored else reference(probe)
+        ok = comparer.compare(f"shape probe {tuple(probe.shape)}", ref, candidate(probe).float())
         report.probe = {
             "shape": list(probe.shape),
             "exceed_fraction": (report.exceed - exceed_before) / max(1, report.logits - logits_before),

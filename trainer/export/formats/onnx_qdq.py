@@ -14,8 +14,11 @@ For a fast CPU artifact use ``onnx-int8-cpu``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from trainer.errors import UserError
+from trainer.export.int8_safety import check_int8_accumulation
 from trainer.export.onnx_tools import simplify_onnx
 from trainer.export.registry import BuildContext, BuildResult, ExportFormat, register_format
 from trainer.export.verify import Tolerance
@@ -69,6 +72,15 @@ class OnnxQdq(ExportFormat):
             "learnable_scales": entry.get("learnable_scales"),
             "quantized_layers": len(report.quantized),
             "float_layers": report.float_layers,
-            "cpu_note": "onnxruntime CPU does not fuse this placement; use onnx-int8-cpu for CPU speed",
+            "cpu_note": "onnxruntime CPU does not fuse this placement; for CPU use onnx-int8-cpu on the same "
+                        "checkpoint (it keeps these trained scales)",
         }
         return BuildResult(artifact=artifact, nodes_before=before, nodes_after=after, details=details)
+
+    def static_checks(self, artifact: Path) -> dict[str, Any]:
+        """Informational: TensorRT accumulates in 32 bits, so full-range int8 weights are right
+        there; the card says whether onnxruntime on an x86 CPU without VNNI could overflow."""
+        report = check_int8_accumulation(artifact)
+        note = ("TensorRT accumulates int8 products in 32 bits: not a defect for this format's target; "
+                "matters only if this file is run by onnxruntime on an x86 CPU without VNNI (use onnx-int8-cpu there)")
+        return {"int8_accumulation_on_onnxruntime_cpu": {**report.to_card(), "note": note}}

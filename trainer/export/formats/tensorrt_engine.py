@@ -213,7 +213,7 @@ class TensorRTEngine(ExportFormat):
     def tolerance_for(self, result: BuildResult) -> Tolerance:
         return INT8_TOLERANCE if self._built_precision == "int8" else FP16_TOLERANCE
 
-    def predictor(self, artifact: Path, ctx: BuildContext):
+    def predictor(self, artifact: Path, threads: int = 0):
         return TrtPredictor(artifact)
 
 

@@ -1,0 +1,80 @@
+"""``onnx-int8-cpu`` from a quantized (QAT/PTQ) network: onnxruntime's fusable layout with the
+network's own trained scales, verified against the fake-quantized PyTorch model."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from trainer.export import export_artifact
+from trainer.export.card import CARD_NAME
+from trainer.export.int8_safety import check_int8_accumulation
+from trainer.quant.calibrate import quant_layers
+from trainer.quant.ptq import post_training_quantize
+
+
+@pytest.fixture(scope="module")
+def ptq_net(net2d, data2d):
+    net = copy.deepcopy(net2d)
+    images = [b["image"] for b in data2d["val"]] + [data2d["train"][0][:8]]
+    post_training_quantize(net, images, "percentile")
+    return net.eval()
+
+
+def _consts(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# The 8-channel toy net: ~2.6% of logits land more than 2 output steps off (default 1%); its
+# Dice moves by hundredths of a point. Small nets accumulate relatively more rounding noise.
+TOY = {"max_exceed_fraction": 0.05}
+
+
+def test_trained_scales_are_kept_and_the_artifact_is_safe_and_verified(tmp_path, ptq_net, data2d, meta2d):
+    artifact = export_artifact(ptq_net, "onnx-int8-cpu", tmp_path / "out", data2d["val"], meta2d, threads=1,
+                               tolerance=TOY, format_options={"benchmark_runs": 0})
+    card = json.loads((artifact.parent / CARD_NAME).read_text())
+    details = card["details"]
+    assert details["source"].startswith("trained scales")
+    assert details["trained_scales"]["layers_with_trained_scales"] == len(quant_layers(ptq_net)) == 13
+    assert "re-rounded from the trained 8-bit grid" in details["weights"]
+    # the reference was the fake-quantized model, with the trained-scale tolerance
+    assert card["verification"]["passed"] and card["verification"]["tolerance"]["max_dice_drop"] == 0.003
+    assert check_int8_accumulation(artifact).ok
+    model = onnx.load(str(artifact))
+    consts = _consts(model)
+    q_scales = {float(consts[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    trained = {float(layer.input_quant.scale) for layer in quant_layers(ptq_net).values()}
+    # every trained input scale appears as a QuantizeLinear scale (float32 rounding aside)
+    assert all(any(abs(t - q) <= 1e-6 * t for q in q_scales) for t in trained)
+    # weights: the trained integers re-rounded to 7 bits (BatchNorm's folded factor changes
+    # the scale, not the integers, up to its sign)
+    first = quant_layers(ptq_net)["encoders.0.0"]
+    w_int = torch.round(first.weight_quant(first.weight) / first.weight_quant.scale.reshape(-1, 1, 1, 1)).detach().numpy()
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    producer = {o: n for n in model.graph.node for o in n.output}
+    stored = consts[producer[conv.input[1]].input[0]].astype(int)
+    expected = np.round(w_int * 63 / 127)
+    assert np.abs(np.abs(stored) - np.abs(expected)).max() <= 1  # sign may flip with a negative BN factor
+    assert np.abs(stored).max() <= 63
+
+
+def test_uint8_weights_keep_the_trained_grid_exactly(tmp_path, ptq_net, data2d, meta2d):
+    artifact = export_artifact(ptq_net, "onnx-int8-cpu", tmp_path / "out", data2d["val"], meta2d, threads=1,
+                               tolerance=TOY, format_options={"weight_type": "uint8", "benchmark_runs": 0})
+    card = json.loads((artifact.parent / CARD_NAME).read_text())
+    assert card["details"]["weights"].startswith("uint8, zero point 128 (8-bit as trained)")
+    model = onnx.load(str(artifact))
+    consts = _consts(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    first = quant_layers(ptq_net)["encoders.0.0"]
+    w_int = torch.round(first.weight_quant(first.weight) / first.weight_quant.scale.reshape(-1, 1, 1, 1)).detach().numpy()
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    stored = consts[producer[conv.input[1]].input[0]].astype(int) - 128
+    assert np.array_equal(np.abs(stored), np.abs(w_int).astype(int))  # the trained integers, bit for bit
+    assert card["metrics"]["argmax_agreement"] >= 0.995
