@@ -15,6 +15,12 @@ from typing import Any
 X86_FLAGS = ("sse4_1", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
              "avx512_fp16", "amx_int8", "amx_bf16")
 ARM_FLAGS = ("asimd", "asimddp", "i8mm", "sve", "sve2", "bf16")
+# numpy's runtime CPUID detection, in cpuinfo spelling: it reads the CPU the process runs on,
+# so under an emulator (``launch.py verify --cpu``) it reports the emulated CPU.
+_NUMPY_NAMES = {"SSE41": "sse4_1", "AVX": "avx", "AVX2": "avx2", "FMA3": "fma", "AVX512F": "avx512f",
+                "AVX512BW": "avx512bw", "AVX512VNNI": "avx512_vnni", "AVX512BF16": "avx512_bf16",
+                "AVX512FP16": "avx512_fp16", "ASIMD": "asimd", "ASIMDDP": "asimddp", "SVE": "sve"}
+EMULATION_ENV = "COMPRESSSEG_EMULATED_CPU"  # set by ``launch.py verify --cpu`` for its emulated child
 
 
 def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str | None, set[str]]:
@@ -49,10 +55,34 @@ def integer_kernels(arch: str, flags: set[str]) -> str:
     return "unknown"
 
 
+def _cpuid_flags() -> set[str] | None:
+    """Flags from numpy's CPUID probe (the CPU this process really runs on), None if unavailable."""
+    try:  # numpy keeps the probe's result in a private attribute; /proc/cpuinfo is the fallback
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return None
+    return {name for key, name in _NUMPY_NAMES.items() if features.get(key)}
+
+
+def _flags() -> tuple[str | None, set[str]]:
+    """``(cpu model, flags)``: CPUID's flags, plus cpuinfo-only ones (avx_vnni, amx, i8mm) on real hardware."""
+    model, proc_flags = _cpuinfo()
+    cpuid = _cpuid_flags()
+    emulated = os.environ.get(EMULATION_ENV)
+    if emulated:
+        return f"{emulated} (emulated) on {model or 'an unknown host'}", cpuid or set()
+    if cpuid is None:
+        return model, proc_flags
+    return model, cpuid | {f for f in proc_flags if f not in _NUMPY_NAMES.values()}
+
+
 def machine_info() -> dict[str, Any]:
     """The card's ``machine`` section."""
     arch = platform.machine().lower()
-    model, flags = _cpuinfo()
+    model, flags = _flags()
     known = X86_FLAGS if arch in ("x86_64", "amd64") else ARM_FLAGS
     try:
         ort_version = metadata.version("onnxruntime")

@@ -9,6 +9,11 @@ to the deployment machine. This command re-checks, with nothing but the artifact
 3. the artifact run here on the verification data stored with it (inputs, labels and the
    PyTorch logits of the build machine), with the card's tolerance.
 
+``--cpu MODEL`` runs all of it on an emulated x86-64 CPU (``qemu-x86_64 -cpu MODEL``, e.g.
+``Haswell``: AVX2 without VNNI), so an artifact can be checked for a CPU the build machine
+does not have; onnxruntime picks its kernels from the emulated CPUID. Slow (tens of times),
+meant for small verification sets.
+
 With ``--data FILE`` (HDF5/TFRecord in the training run's layout) the reference is PyTorch
 itself, rebuilt from ``--ckpt`` (default: the checkpoint the card names, if it is still there
 with the same sha256), on every labelled case of the file. Exit 0 when everything passes, 2
@@ -18,6 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +34,7 @@ from typing import Any
 from trainer.errors import UserError
 from trainer.export.bundle import read_bundle
 from trainer.export.card import CARD_NAME, sha256_file
-from trainer.export.machine import describe, machine_info
+from trainer.export.machine import EMULATION_ENV, describe, machine_info
 from trainer.export.registry import ExportFormat, format_class
 from trainer.export.verify import Tolerance, VerificationError, verify_artifact
 
@@ -39,7 +48,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", dest="max_batches", type=int, default=None, help="verify on at most N batches")
     p.add_argument("--threads", type=int, default=0, help="runtime threads (0: all cores)")
     p.add_argument("--json", help="also write the outcome as JSON to this file")
+    p.add_argument("--cpu", help="run on this emulated x86-64 CPU model (qemu-x86_64 -cpu MODEL, e.g. Haswell)")
     return p
+
+
+def _emulated(cpu: str, argv: list[str]) -> int:
+    """Run this same command (without ``--cpu``) under ``qemu-x86_64 -cpu MODEL``."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise UserError(f"--cpu emulates x86-64 CPUs with qemu-x86_64; this host is {platform.machine()}")
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        raise UserError("--cpu needs qemu-x86_64 (Debian/Ubuntu package qemu-user: apt-get install qemu-user)")
+    models = subprocess.run([qemu, "-cpu", "help"], capture_output=True, text=True).stdout.split()
+    if cpu not in models:
+        raise UserError(f"--cpu {cpu!r} is not a qemu-x86_64 CPU model (e.g. Haswell, Skylake-Client, Nehalem; "
+                        "`qemu-x86_64 -cpu help` lists them)")
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--cpu":
+            skip = True
+        elif not arg.startswith("--cpu="):
+            rest.append(arg)
+    launch = Path(__file__).resolve().parents[2] / "launch.py"
+    env = dict(os.environ, **{EMULATION_ENV: f"qemu-x86_64 -cpu {cpu}"})
+    proc = subprocess.run([qemu, "-cpu", cpu, sys.executable, str(launch), "verify", *rest], env=env,
+                          stderr=subprocess.PIPE, text=True)
+    # qemu names every host CPU feature its emulator cannot model; not the user's concern
+    noise = "TCG doesn't support requested feature"
+    sys.stderr.write("".join(line for line in proc.stderr.splitlines(True) if noise not in line))
+    return proc.returncode
 
 
 def load_card(directory: Path) -> dict[str, Any]:
@@ -153,8 +192,11 @@ def verify_directory(directory: Path, data: str | None = None, ckpt: str | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
     try:
+        if args.cpu:
+            return _emulated(args.cpu, argv)
         outcome = verify_directory(Path(args.artifact_dir), args.data, args.ckpt, args.max_batches, args.threads)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
