@@ -157,7 +157,22 @@ class _Graph:
         return w_dq.input[0], weight, zp
 
     def _const(self, name: str) -> np.ndarray | None:
-        return self.consts.get(name)
+        """A constant, or the integers a QuantizeLinear makes of constants (TensorRT-layout files
+        keep float weights behind a Q node; runtimes fold it when they load the file)."""
+        if name in self.consts:
+            return self.consts[name]
+        node = self.producer.get(name)
+        if node is None or node.op_type != "QuantizeLinear":
+            return None
+        x, scale = self.consts.get(node.input[0]), self.consts.get(node.input[1])
+        zero = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.array(0, np.uint8)
+        if x is None or scale is None or zero is None:
+            return None
+        axis = _attr(node, "axis", 1) % x.ndim if scale.ndim else 0
+        shape = [-1 if d == axis else 1 for d in range(x.ndim)] if scale.ndim else []
+        info = np.iinfo(zero.dtype)
+        q = np.rint(x / scale.reshape(shape)) + zero.astype(np.int64).reshape(shape)
+        return np.clip(q, info.min, info.max).astype(zero.dtype)
 
 
 def _is_dq(node: onnx.NodeProto | None) -> bool:

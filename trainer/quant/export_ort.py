@@ -103,6 +103,7 @@ def float_equivalent(net: nn.Module) -> tuple[nn.Module, dict[str, LayerGrid]]:
 
 def trained_overrides(
     model: nn.Module, grids: dict[str, LayerGrid], onnx_path: str | Path, example: torch.Tensor, weight_type: str = "int8",
+    seven_bit: bool = True,
 ) -> TrainedScales:
     """Overrides for ``quantize_static(..., extra_options={"TensorQuantOverrides": ...})``.
 
@@ -111,6 +112,8 @@ def trained_overrides(
         onnx_path: the float graph of ``model`` that will be quantized.
         example: one input ``[1, C, *S]``; used to match layers to ONNX nodes by value.
         weight_type: ``"int8"`` (7-bit integers stored as int8) or ``"uint8"`` (8-bit, zero point 128).
+        seven_bit: with int8, re-round 8-bit trained weights to 7 bits (default). False keeps
+            them 8-bit: such a file fails ``int8_safety`` (benchmarks compare it).
     """
     proto = onnx.load(str(onnx_path))
     matches = _match_layers(model, grids, proto, example)
@@ -126,12 +129,13 @@ def trained_overrides(
         zero = 0 if _non_negative(tensor, producer, consts) else 128
         overrides[tensor] = [{"scale": np.array(scale, np.float32), "zero_point": np.array(zero, np.uint8),
                               "quant_type": _quant_type("uint8")}]
-        overrides[node.input[1]] = _weight_overrides(name, grid, consts[node.input[1]], weight_type)
+        overrides[node.input[1]] = _weight_overrides(name, grid, consts[node.input[1]], weight_type, seven_bit)
     shared = sorted(t for t, s in input_scales.items() if len(s) > 1)
     trained_7bit = all(g.qmax <= SEVEN_BIT_MAX for g in grids.values())
     bits = ("uint8, zero point 128 (8-bit as trained)" if weight_type == "uint8"
             else "int8 holding 7-bit integers (as trained)" if trained_7bit
-            else "int8 holding 7-bit integers, re-rounded from the trained 8-bit grid (scale x 127/63)")
+            else "int8 holding 7-bit integers, re-rounded from the trained 8-bit grid (scale x 127/63)" if seven_bit
+            else "int8 (8-bit as trained; can overflow on x86 CPUs without VNNI)")
     return TrainedScales(overrides=overrides, layers=len(matches), weight_bits=bits, shared_inputs=shared)
 
 
@@ -141,7 +145,8 @@ def _quant_type(name: str):
     return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
 
 
-def _weight_overrides(name: str, grid: LayerGrid, exported: np.ndarray, weight_type: str) -> list[dict[str, Any]]:
+def _weight_overrides(name: str, grid: LayerGrid, exported: np.ndarray, weight_type: str,
+                      seven_bit: bool) -> list[dict[str, Any]]:
     """Per-channel scales: trained scale x the factor BatchNorm folding multiplied in."""
     wq = np.moveaxis(grid.weight_int * _expand(grid.weight_scale, grid.axis, grid.weight_int.ndim), grid.axis, 0)
     w = np.moveaxis(exported.astype(np.float64), grid.axis, 0).reshape(wq.shape[0], -1)
@@ -157,7 +162,7 @@ def _weight_overrides(name: str, grid: LayerGrid, exported: np.ndarray, weight_t
     if weight_type == "uint8":
         zero, qtype = np.array(128, np.uint8), _quant_type("uint8")
     else:
-        scale = scale * max(1.0, grid.qmax / SEVEN_BIT_MAX)
+        scale = scale * max(1.0, grid.qmax / SEVEN_BIT_MAX) if seven_bit else scale
         zero, qtype = np.array(0, np.int8), _quant_type("int8")
     return [{"scale": np.array(s, np.float32), "zero_point": zero, "quant_type": qtype, "axis": grid.axis}
             for s in scale]

@@ -26,7 +26,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from trainer.errors import UserError
 from trainer.export.calibration import ArrayReader, calibration_arrays
@@ -95,6 +95,9 @@ class OnnxInt8Cpu(ExportFormat):
     summary = "static INT8 ONNX for onnxruntime on CPU (7-bit weights: correct on every CPU), from float or QAT nets"
     filename = "model.onnx"
     tolerance = Tolerance(atol=2.0, unit="quant_step", max_exceed_fraction=1e-3, min_argmax_agreement=0.999)
+    # uint8 activations: int8 ones run slower on x86 and saturate alike (onnxruntime shifts them
+    # to uint8 for the same kernels; measured in bench_int8_cpu.py). A subclass may change it.
+    activation_type: ClassVar[str] = "uint8"
     trained_tolerance = Tolerance(atol=2.0, unit="quant_step", max_exceed_fraction=1e-2, min_argmax_agreement=0.995,
                                   max_dice_drop=0.003)
 
@@ -143,7 +146,8 @@ class OnnxInt8Cpu(ExportFormat):
                 )
         prepared, preprocess = self._preprocess(src, ctx)
         # layers are matched on the graph that gets quantized (pre-processing renames tensors)
-        trained = trained_overrides(float_net, grids, prepared, ctx.example, self.weight_type) if grids else None
+        trained = (trained_overrides(float_net, grids, prepared, ctx.example, self.weight_type, self.reduce_range)
+                   if grids else None)
         arrays = calibration_arrays(
             ctx.batches, num_batches=self.calibration_batches, divisor=ctx.meta.divisor,
             roi_size=ctx.meta.roi_size, windows_per_volume=self.windows_per_volume,
@@ -220,7 +224,7 @@ class OnnxInt8Cpu(ExportFormat):
             quant_format=QuantFormat.QDQ if self.quant_format == "qdq" else QuantFormat.QOperator,
             per_channel=self.per_channel,
             reduce_range=self.reduce_range and self.weight_type == "int8",
-            activation_type=QuantType.QUInt8,
+            activation_type=QuantType.QUInt8 if self.activation_type == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QUInt8 if self.weight_type == "uint8" else QuantType.QInt8,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                               "percentile": CalibrationMethod.Percentile}[self.calibration_method],
