@@ -20,17 +20,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 BENCHMARKS = {
     "data loading (issue 3)": ["benchmarks/bench_data.py"],
     "distillation (issue 5)": ["benchmarks/bench_distill.py", "--workers", str(min(2, os.cpu_count() or 1))],
     "prune-retrain (issue 6)": ["benchmarks/bench_prune.py"],
     "quantization (issue 7)": ["benchmarks/bench_qat.py"],
+    "INT8 on every CPU (issue 15)": ["benchmarks/bench_int8_cpu.py"],
 }
-QUICK = {"benchmarks/bench_distill.py": ["--quick"], "benchmarks/bench_qat.py": ["--quick"]}
+QUICK = {"benchmarks/bench_distill.py": ["--quick"], "benchmarks/bench_qat.py": ["--quick"],
+         "benchmarks/bench_int8_cpu.py": ["--quick"]}
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    from trainer.export.machine import describe, machine_info  # the CPU matters for INT8 results
+
+    return f"{describe(machine_info())}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _demote(text: str) -> str:
