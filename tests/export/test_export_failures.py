@@ -176,13 +176,15 @@ def test_tolerance_overrides_are_checked(tmp_path, net2d, data2d, meta2d):
 
 def test_dice_drop_tolerance_is_enforced(tmp_path, perturbed_format, net2d, data2d, meta2d):
     """Logit and argmax checks switched off: only the Dice budget stands between a head that
-    under-predicts class 1 and the output folder."""
+    never predicts class 1 and the output folder. The shift (-30) is far beyond the trained
+    net's margins whatever CPU trained it (with -4 the drop depended on the machine's kernels:
+    on an AVX2 CPU the toy net's margins were larger and the test failed)."""
     loose = {"atol": 100.0, "min_argmax_agreement": 0.0}
-    options = {"head_scale": 1.0, "head_shift": -4.0}
+    options = {"head_scale": 1.0, "head_shift": -30.0}
     path = export_artifact(net2d, perturbed_format, tmp_path / "a", data2d["val"], meta2d, threads=1,
                            tolerance={**loose, "max_dice_drop": 1.0}, format_options=options)
     dice = json.loads((path.parent / CARD_NAME).read_text())["metrics"]["dice"]
-    assert dice["artifact"]["per_class"]["box"] < dice["pytorch"]["per_class"]["box"] - 0.05
+    assert dice["artifact"]["per_class"]["box"] < 0.05 < dice["pytorch"]["per_class"]["box"] - 0.5
     with pytest.raises(VerificationError, match=r"mean Dice dropped 0\.\d+ \(0\.\d+ -> 0\.\d+\) > 0\.01"):
         export_artifact(net2d, perturbed_format, tmp_path / "b", data2d["val"], meta2d, threads=1,
                         tolerance={**loose, "max_dice_drop": 0.01}, format_options=options)
