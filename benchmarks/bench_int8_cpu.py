@@ -10,6 +10,7 @@ One run, one process (plus emulated children), everything measured here:
    ``quantize_static`` with U8S8 full-range int8 weights (the default before), U8S8 7-bit
    weights (the default now), per tensor, S8S8, U8U8; from the QAT net, its trained scales in
    onnxruntime's layout with 7-bit, 8-bit int8 and uint8 weights; the TensorRT-layout onnx-qdq;
+   and from a QAT net trained with 7-bit weights (``weight_bits=7``);
 3. per artifact: the static overflow check (``trainer/export/int8_safety.py``); on the CPU
    running the benchmark and on an emulated AVX2 CPU without VNNI (``qemu-x86_64 -cpu
    Haswell``; onnxruntime picks its kernels from the emulated CPUID): mean Dice, argmax
@@ -65,7 +66,7 @@ class SignedActivations(Unchecked):
 
 
 def settings() -> list[tuple[str, str, object]]:
-    """``(name, source, format)``: source "fp32" or "qat" (the reference each is scored against)."""
+    """``(name, source, format)``: source "fp32", "qat" or "qat7" (the model each is scored against)."""
     return [
         ("U8S8, int8 weights (previous default)", "fp32", Unchecked(reduce_range=False, benchmark_runs=0)),
         ("U8S8, 7-bit weights (default)", "fp32", OnnxInt8Cpu(benchmark_runs=0)),
@@ -77,6 +78,7 @@ def settings() -> list[tuple[str, str, object]]:
         ("QAT scales, uint8 weights as trained", "qat", OnnxInt8Cpu(reduce_range=False, weight_type="uint8",
                                                                    benchmark_runs=0)),
         ("QAT, onnx-qdq (TensorRT layout)", "qat", "onnx-qdq"),
+        ("QAT with 7-bit weights (weight_bits=7), its scales", "qat7", OnnxInt8Cpu(benchmark_runs=0)),
     ]
 
 
@@ -92,8 +94,11 @@ def train(args, tmp: Path):
     qat = bq.new_module(lr=2e-4)
     qat.net.load_state_dict(fp32.net.state_dict())
     bq.fit(qat, dm, args.qat_epochs, [QuantizationAwareTraining(calibration="percentile", calib_batches=8)])
+    qat7 = bq.new_module(lr=2e-4)
+    qat7.net.load_state_dict(fp32.net.state_dict())
+    bq.fit(qat7, dm, args.qat_epochs, [QuantizationAwareTraining(calibration="percentile", calib_batches=8, weight_bits=7)])
     calib = [b for _, b in zip(range(4), dm.train_dataloader())]
-    return dm, fp32.net.eval(), qat.net.eval(), calib
+    return dm, {"fp32": fp32.net.eval(), "qat": qat.net.eval(), "qat7": qat7.net.eval()}, calib
 
 
 def eval_set(val, nets, steps, n, path: Path) -> None:
@@ -142,14 +147,14 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="bench_int8_cpu-"))
-    dm, fp32, qat, calib = train(args, tmp)
+    dm, nets, calib = train(args, tmp)
     val = list(dm.val_dataloader())
     log(f"trained ({len(val)} validation batches)")
 
     meta = bq.ExportMeta(spatial_dims=2, num_classes=bq.NUM_CLASSES, divisor=16)
     rows = []
     for i, (name, source, fmt) in enumerate(settings()):
-        net = fp32 if source == "fp32" else qat
+        net = nets[source]
         folder = tmp / f"a{i}"
         export_artifact(net, fmt, folder, calib, meta, threads=1, tolerance=LOOSE, bundle_max_mb=0)
         card = json.loads((folder / CARD_NAME).read_text())
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
         log(f"exported: {name}")
 
     data = tmp / "eval.npz"
-    eval_set(val, [fp32 if r["source"] == "fp32" else qat for r in rows], [r["step"] for r in rows],
+    eval_set(val, [nets[r["source"]] for r in rows], [r["step"] for r in rows],
              args.eval_images, data)
     from onnx_eval_child import dice
 
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1)
-    runners = {"PyTorch eager FP32": bq.eager(fp32)}
+    runners = {"PyTorch eager FP32": bq.eager(nets["fp32"])}
     runners.update({r["name"]: OrtPredictor(ort_session(r["path"], threads=1)) for r in rows})
     lat = bq.interleaved(runners, lambda: torch.randn(bq.LATENCY_SHAPE, generator=gen), args.repeats)
     log("latency measured")
@@ -217,8 +222,9 @@ def render(rows, native, emulated, lat, emulate, args, seconds) -> str:
         ]) + " |")
     fp32 = next(r["ref_dice"] for r in rows if r["source"] == "fp32")
     qat = next(r["ref_dice"] for r in rows if r["source"] == "qat")
-    lines.append(f"| PyTorch eager FP32 (Dice {fp32:.4f}; QAT model {qat:.4f}) | - | - | - | - | - | - | - | "
-                 f"{eager * 1e3:.1f} (1.00x) |")
+    qat7 = next(r["ref_dice"] for r in rows if r["source"] == "qat7")
+    lines.append(f"| PyTorch eager FP32 (Dice {fp32:.4f}; QAT model {qat:.4f}; 7-bit QAT model {qat7:.4f}) "
+                 f"| - | - | - | - | - | - | - | {eager * 1e3:.1f} (1.00x) |")
     return "\n".join(lines)
 
 

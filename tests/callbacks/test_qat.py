@@ -30,6 +30,7 @@ QAT = "trainer.callbacks.qat.QuantizationAwareTraining"
     ({"freeze_ranges_epoch": 1.5}, "freeze_ranges_epoch=1.5 must be an epoch number"),
     ({"on_unsupported": "skip"}, "on_unsupported='skip' must be one of error, warn"),
     ({"skip_modules": "head"}, "skip_modules='head' must be a list of module paths"),
+    ({"weight_bits": 4}, "weight_bits=4 must be one of 8, 7"),
 ])
 def test_arguments_are_validated_up_front(kwargs, message):
     with pytest.raises(UserError, match=f"QuantizationAwareTraining: {message}".replace("(", r"\(").replace(")", r"\)")
@@ -87,7 +88,8 @@ def _fit(tmp: Path, epochs: int, qat: QuantizationAwareTraining, ckpt: Path | No
 @pytest.mark.parametrize("config", [
     {"learnable_scales": False, "calibration": "percentile"},
     {"learnable_scales": True, "calibration": "mse", "freeze_bn_epoch": 1, "freeze_ranges_epoch": 1},
-], ids=["fixed-scales", "lsq-frozen-at-1"])
+    {"learnable_scales": False, "calibration": "percentile", "weight_bits": 7},
+], ids=["fixed-scales", "lsq-frozen-at-1", "fixed-scales-7-bit-weights"])
 def test_resume_is_bitwise_exact_and_the_schedule_freezes(tmp_path, config):
     probe = _Probe()
     _, full = _fit(tmp_path / "a", 2, QuantizationAwareTraining(calib_batches=2, **config), probe=probe)
@@ -118,10 +120,22 @@ def test_resume_is_bitwise_exact_and_the_schedule_freezes(tmp_path, config):
         assert qat.bn_frozen and qat.ranges_frozen and qat.schedule_epoch == 1
     else:  # weight scales follow the weights' max, activation scales stay calibrated
         layer = resumed.net.encoders[0][0]
-        assert torch.allclose(layer.weight_quant.scale, layer.weight.detach().abs().amax((1, 2, 3)) / 127)
+        qmax = 63 if config.get("weight_bits") == 7 else 127
+        assert saved["compressseg"]["structure"][0]["state"]["weight_range"] == [-qmax, qmax]
+        assert torch.allclose(layer.weight_quant.scale, layer.weight.detach().abs().amax((1, 2, 3)) / qmax)
+        ints = layer.weight_quant(layer.weight) / layer.weight_quant.scale.reshape(-1, 1, 1, 1)
+        assert ints.abs().max().item() == pytest.approx(qmax)
         assert not torch.equal(first["encoders.0.0.weight_quant.scale"], second["encoders.0.0.weight_quant.scale"])
         assert torch.equal(first["encoders.0.0.input_quant.scale"], second["encoders.0.0.input_quant.scale"])
         assert not torch.equal(first["encoders.0.1.running_mean"], second["encoders.0.1.running_mean"])
+
+
+def test_resuming_with_other_weight_bits_is_refused(tmp_path):
+    trainer, _ = _fit(tmp_path / "a", 1, QuantizationAwareTraining(calib_batches=2, weight_bits=7))
+    ckpt = tmp_path / "seven.ckpt"
+    trainer.save_checkpoint(ckpt)
+    with pytest.raises(UserError, match=r"weights use the range \[-63, 63\] but the callback has weight_bits=8"):
+        _fit(tmp_path / "a", 2, QuantizationAwareTraining(calib_batches=2), ckpt=ckpt)
 
 
 def test_a_second_fit_keeps_the_quantization_and_its_scales(tmp_path):

@@ -78,3 +78,23 @@ def test_uint8_weights_keep_the_trained_grid_exactly(tmp_path, ptq_net, data2d, 
     stored = consts[producer[conv.input[1]].input[0]].astype(int) - 128
     assert np.array_equal(np.abs(stored), np.abs(w_int).astype(int))  # the trained integers, bit for bit
     assert card["metrics"]["argmax_agreement"] >= 0.995
+
+
+def test_seven_bit_trained_weights_are_kept_exactly(tmp_path, net2d, data2d, meta2d):
+    """A net quantized with weight_bits=7 needs no re-rounding: the CPU artifact holds its
+    trained integers bit for bit (up to the sign a negative BatchNorm factor gives)."""
+    net = copy.deepcopy(net2d)
+    post_training_quantize(net, [b["image"] for b in data2d["val"]], "percentile", weight_bits=7)
+    first = quant_layers(net)["encoders.0.0"]
+    w_int = torch.round(first.weight_quant(first.weight) / first.weight_quant.scale.reshape(-1, 1, 1, 1)).detach().numpy()
+    assert np.abs(w_int).max() == 63  # the grid QAT/PTQ used
+    artifact = export_artifact(net, "onnx-int8-cpu", tmp_path / "out", data2d["val"], meta2d, threads=1,
+                               tolerance=TOY, format_options={"benchmark_runs": 0})
+    card = json.loads((artifact.parent / CARD_NAME).read_text())
+    assert card["details"]["weights"].startswith("int8 holding 7-bit integers (as trained)")
+    model = onnx.load(str(artifact))
+    consts, producer = _consts(model), {o: n for n in model.graph.node for o in n.output}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    stored = consts[producer[conv.input[1]].input[0]].astype(int)
+    assert np.array_equal(np.abs(stored), np.abs(w_int).astype(int))
+    assert check_int8_accumulation(artifact).ok

@@ -52,6 +52,7 @@ from torch import nn
 
 from trainer.errors import UserError
 from trainer.quant.calibrate import METHODS, CalibrationReport, calibrate, quant_layers, set_weight_ranges
+from trainer.quant.fake_quant import WEIGHT_BITS, weight_qmax
 from trainer.quant.convert import (
     ON_UNSUPPORTED, FakeQuantConversion, is_quantized, quantization_entry, quantize_net,
 )
@@ -89,6 +90,11 @@ class QuantizationAwareTraining(pl.Callback):
             (default) or ``"warn"`` (left in float).
         start_epoch: epoch at whose start the net is converted and calibrated. Default 0
             (in ``setup``, before the optimizer exists); later: after pruning rounds.
+        weight_bits: 8 (int8 weights on [-127, 127], TensorRT's grid; default) or 7 (on
+            [-63, 63]): the grid onnxruntime's x86 CPUs without VNNI multiply without
+            overflowing, so the ``onnx-int8-cpu`` artifact keeps the trained weights exactly
+            (from 8-bit weights it re-rounds them to 7 bits; measured -0.39 Dice points vs
+            the QAT model in ``bench_int8_cpu.py``). TensorRT runs 7-bit weights too.
 
     A net that arrives already quantized (``model.init_from`` a PTQ/QAT checkpoint, or a
     second ``fit`` in one process) keeps its scales: no conversion, no calibration.
@@ -106,6 +112,7 @@ class QuantizationAwareTraining(pl.Callback):
         skip_modules: list[str] | None = None,
         on_unsupported: Literal["error", "warn"] = "error",
         start_epoch: int = 0,
+        weight_bits: int = 8,
     ):
         if calibration not in METHODS:
             raise UserError(f"QuantizationAwareTraining: calibration={calibration!r} must be one of {', '.join(METHODS)}")
@@ -126,6 +133,9 @@ class QuantizationAwareTraining(pl.Callback):
                                 "freezing starts at or after the conversion")
         if on_unsupported not in ON_UNSUPPORTED:
             raise UserError(f"QuantizationAwareTraining: on_unsupported={on_unsupported!r} must be one of {', '.join(ON_UNSUPPORTED)}")
+        if weight_bits not in WEIGHT_BITS or isinstance(weight_bits, bool):
+            raise UserError(f"QuantizationAwareTraining: weight_bits={weight_bits!r} must be one of "
+                            f"{', '.join(map(str, WEIGHT_BITS))}")
         if skip_modules is not None and (isinstance(skip_modules, str) or not all(isinstance(s, str) for s in skip_modules)):
             raise UserError(f"QuantizationAwareTraining: skip_modules={skip_modules!r} must be a list of module paths")
         self.calibration = calibration
@@ -138,6 +148,7 @@ class QuantizationAwareTraining(pl.Callback):
         self.skip_modules = list(skip_modules or [])
         self.on_unsupported = on_unsupported
         self.start_epoch = start_epoch
+        self.weight_bits = weight_bits
         # schedule position and flags: saved in the checkpoint
         self.calibrated = False
         self.bn_frozen = False
@@ -159,7 +170,7 @@ class QuantizationAwareTraining(pl.Callback):
             return
         # start_epoch > 0: the float net trains first (a resumed run's history may still
         # replay the conversion after setup)
-        self._pending = (quantize_net(net, self.skip_modules, self.on_unsupported, self.learnable_scales)
+        self._pending = (quantize_net(net, self.skip_modules, self.on_unsupported, self.learnable_scales, self.weight_bits)
                          if self.start_epoch == 0 else None)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -231,7 +242,7 @@ class QuantizationAwareTraining(pl.Callback):
         from trainer.prune.rebuild import rebuild_optimizers, snapshot
 
         before = snapshot(trainer, pl_module)
-        state = quantize_net(net, self.skip_modules, self.on_unsupported, self.learnable_scales)
+        state = quantize_net(net, self.skip_modules, self.on_unsupported, self.learnable_scales, self.weight_bits)
         record(net, FakeQuantConversion, state)
         self.report = self._calibrate(trainer, pl_module, net)
         self.calibrated = True
@@ -256,6 +267,10 @@ class QuantizationAwareTraining(pl.Callback):
                 f"{entry.get('learnable_scales')} but the callback has learnable_scales={self.learnable_scales}; "
                 "use the same setting"
             )
+        trained_range = entry.get("weight_range", [-127, 127])
+        if trained_range[1] != weight_qmax(self.weight_bits):
+            raise UserError(f"QuantizationAwareTraining: the checkpoint's weights use the range {trained_range} but the "
+                            f"callback has weight_bits={self.weight_bits}; use the same setting")
         if self._pending is not None and entry["layers"] != self._pending["layers"]:
             diff = sorted(set(entry["layers"]) ^ set(self._pending["layers"]))
             raise UserError(f"QuantizationAwareTraining: the checkpoint quantized a different set of layers "

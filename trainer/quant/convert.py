@@ -12,7 +12,7 @@ The conversion is recorded in the network's structural history (``trainer.struct
 ``("trainer.quant.convert.FakeQuantConversion", state)`` with the plain-data state::
 
     {"version": 1, "scheme": "int8-symmetric-zp0",
-     "weight_range": [-127, 127], "input_range": [-128, 127],
+     "weight_range": [-127, 127], "input_range": [-128, 127],   # [-63, 63] with weight_bits=7
      "learnable_scales": false,
      "layers": ["encoders.0.0", ...],        # module paths that were quantized, in order
      "float_layers": ["head", ...]}          # skipped or unsupported, left in float
@@ -29,7 +29,7 @@ from typing import Any, Iterable, Literal, Sequence
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.quant.fake_quant import ACT_QMIN, QMAX, WEIGHT_QMIN
+from trainer.quant.fake_quant import ACT_QMIN, QMAX, WEIGHT_BITS, WEIGHT_QMIN, weight_qmax
 from trainer.quant.modules import QUANT_CLASSES, QuantLayer, quantize_layer
 from trainer.structure import history
 
@@ -129,12 +129,13 @@ def plan_quantization(
     return plan
 
 
-def conversion_state(plan: QuantPlan, learnable_scales: bool) -> dict[str, Any]:
+def conversion_state(plan: QuantPlan, learnable_scales: bool, weight_bits: int = 8) -> dict[str, Any]:
     """The plain-data record of a conversion (see module docstring)."""
+    qmax = weight_qmax(weight_bits)
     return {
         "version": STATE_VERSION,
         "scheme": "int8-symmetric-zp0",
-        "weight_range": [WEIGHT_QMIN, QMAX],
+        "weight_range": [-qmax, qmax],
         "input_range": [ACT_QMIN, QMAX],
         "learnable_scales": bool(learnable_scales),
         "layers": list(plan.layers),
@@ -148,6 +149,7 @@ def apply_state(net: nn.Module, state: dict[str, Any], source: str = "checkpoint
         raise UserError(f"{source}: quantization record version {state.get('version')!r} is not supported "
                         f"(this code reads version {STATE_VERSION})")
     learnable = bool(state["learnable_scales"])
+    bits = _weight_bits(state, source)
     for name in state["layers"]:
         try:
             layer = net.get_submodule(name)
@@ -157,7 +159,17 @@ def apply_state(net: nn.Module, state: dict[str, Any], source: str = "checkpoint
         if not isinstance(layer, QuantLayer) and type(layer) not in QUANT_CLASSES:
             raise UserError(f"{source}: quantized layer {name!r} is a {type(layer).__qualname__} in the rebuilt "
                             f"{type(net).__qualname__}, not a quantizable layer")
-        quantize_layer(layer, name, learnable)
+        quantize_layer(layer, name, learnable, bits)
+
+
+def _weight_bits(state: dict[str, Any], source: str) -> int:
+    """8 or 7 from the record's ``weight_range`` (records before 7-bit weights say [-127, 127])."""
+    qmax = int(state.get("weight_range", [WEIGHT_QMIN, QMAX])[1])
+    for bits in WEIGHT_BITS:
+        if weight_qmax(bits) == qmax:
+            return bits
+    raise UserError(f"{source}: quantization record has weight_range {state.get('weight_range')}; "
+                    f"supported: {[[-weight_qmax(b), weight_qmax(b)] for b in WEIGHT_BITS]}")
 
 
 class FakeQuantConversion:
@@ -173,11 +185,14 @@ def quantize_net(
     skip_modules: Sequence[str] = (),
     on_unsupported: OnUnsupported = "error",
     learnable_scales: bool = False,
+    weight_bits: int = 8,
 ) -> dict[str, Any]:
     """Plan and apply the conversion; returns its state (the caller records it).
 
     The quantizers start uncalibrated (pass-through); ``trainer.quant.calibrate`` sets them.
+    ``weight_bits=7`` gives weights on [-63, 63] (onnxruntime-CPU-safe, see ``fake_quant``).
     """
-    state = conversion_state(plan_quantization(net, skip_modules, on_unsupported), learnable_scales)
+    weight_qmax(weight_bits)  # a bad value fails before the net is touched
+    state = conversion_state(plan_quantization(net, skip_modules, on_unsupported), learnable_scales, weight_bits)
     apply_state(net, state, source=type(net).__qualname__)
     return state

@@ -37,7 +37,6 @@ from torch import nn
 from trainer.errors import UserError
 from trainer.quant.calibrate import quant_layers
 from trainer.quant.export_qdq import bake_for_export
-from trainer.quant.fake_quant import QMAX
 from trainer.quant.modules import dequantize_layer
 
 SEVEN_BIT_MAX = 63  # symmetric 7-bit grid [-63, 63]: 255 * (63 + 63) < 32767
@@ -93,7 +92,7 @@ def float_equivalent(net: nn.Module) -> tuple[nn.Module, dict[str, LayerGrid]]:
         grids[name] = LayerGrid(
             input_scale=float(iq.scale), weight_scale=scale.numpy().astype(np.float64),
             weight_int=torch.round(fake / scale.reshape(shape)).numpy(), axis=int(wq.axis),
-            qmax=int(getattr(wq, "qmax", QMAX)),
+            qmax=int(wq.qmax),
         )
         with torch.no_grad():
             layer.weight.copy_(fake)

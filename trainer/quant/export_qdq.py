@@ -29,14 +29,13 @@ from torch import nn
 
 from trainer.errors import UserError
 from trainer.quant.calibrate import quant_layers
-from trainer.quant.fake_quant import QMAX
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 
 
 def bake_for_export(net: nn.Module) -> None:
     """Make the stored scales the effective ones and clamp every quantized layer's weight to
-    ``[-127 s, 127 s]`` of its channel scale, in place (on the export copy)."""
+    ``[-qmax s, qmax s]`` of its channel scale (qmax 127, or 63 for 7-bit), in place (on the export copy)."""
     with torch.no_grad():
         for layer in quant_layers(net).values():
             for quantizer in (layer.input_quant, layer.weight_quant):
@@ -45,7 +44,7 @@ def bake_for_export(net: nn.Module) -> None:
             q = layer.weight_quant
             shape = [1] * layer.weight.dim()
             shape[q.axis] = -1
-            bound = (q.scale.detach() * QMAX).reshape(shape)
+            bound = (q.scale.detach() * q.qmax).reshape(shape)
             layer.weight.copy_(torch.maximum(torch.minimum(layer.weight, bound), -bound))
 
 

@@ -7,7 +7,10 @@ The numbers (TensorRT's explicit-quantization convention, which ONNX QDQ carries
 * activations: ``qmin = -128`` (ONNX ``QuantizeLinear`` saturates int8 to [-128, 127];
   TensorRT quantizes activations to the same range), one scale per tensor;
 * weights: ``qmin = -127`` (TensorRT takes INT8 weights in [-127, 127]), one scale per
-  output channel. -128 is never produced, so the grid is exactly symmetric.
+  output channel. -128 is never produced, so the grid is exactly symmetric. With 7-bit
+  weights (``weight_bits=7``) the grid is [-63, 63] and ``s = amax / 63``: what onnxruntime's
+  x86 CPUs without VNNI can multiply without overflowing (``trainer/export/int8_safety.py``),
+  so a CPU artifact keeps the trained weights exactly.
 
 Gradients:
 
@@ -49,14 +52,24 @@ MIN_SCALE = 1e-12
 Kind = Literal["weight", "input"]
 
 
-def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """``amax / 127`` with a floor so no scale is zero."""
-    return (amax.float() / QMAX).clamp_min(MIN_SCALE)
+WEIGHT_BITS = (8, 7)
 
 
-def lsq_grad_factor(elements_per_scale: int) -> float:
+def weight_qmax(bits: int) -> int:
+    """Largest weight integer of a symmetric ``bits``-bit grid: 127 for 8, 63 for 7."""
+    if bits not in WEIGHT_BITS:
+        raise UserError(f"weight_bits={bits!r} must be one of {', '.join(map(str, WEIGHT_BITS))}")
+    return 2 ** (bits - 1) - 1
+
+
+def scale_from_amax(amax: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
+    """``amax / qmax`` with a floor so no scale is zero."""
+    return (amax.float() / qmax).clamp_min(MIN_SCALE)
+
+
+def lsq_grad_factor(elements_per_scale: int, qmax: int = QMAX) -> float:
     """LSQ's gradient scale ``1 / sqrt(N * Qp)``."""
-    return 1.0 / math.sqrt(max(1, elements_per_scale) * QMAX)
+    return 1.0 / math.sqrt(max(1, elements_per_scale) * qmax)
 
 
 class _FixedScaleFakeQuant(torch.autograd.Function):
@@ -122,7 +135,8 @@ def fake_quant_per_tensor(
 
 
 def fake_quant_per_channel(
-    w: torch.Tensor, scale: torch.Tensor, axis: int, qmin: int = WEIGHT_QMIN, grad_factor: float | None = None
+    w: torch.Tensor, scale: torch.Tensor, axis: int, qmin: int = WEIGHT_QMIN, grad_factor: float | None = None,
+    qmax: int = QMAX,
 ) -> torch.Tensor:
     """Fake-quantize ``w`` with one scale per slice along ``axis`` (``scale``: ``[w.shape[axis]]``)."""
     dtype = w.dtype
@@ -130,14 +144,14 @@ def fake_quant_per_channel(
         w = w.float()
     if grad_factor is not None:
         zero = torch.zeros_like(scale, dtype=torch.float32)
-        out = torch._fake_quantize_learnable_per_channel_affine(w, scale, zero, axis, qmin, QMAX, grad_factor)
+        out = torch._fake_quantize_learnable_per_channel_affine(w, scale, zero, axis, qmin, qmax, grad_factor)
     elif _use_tensor_ops(w):
         shape = [1] * w.dim()
         shape[axis] = -1
-        out = _FixedScaleFakeQuant.apply(w, scale.detach().float().reshape(shape), qmin, QMAX)
+        out = _FixedScaleFakeQuant.apply(w, scale.detach().float().reshape(shape), qmin, qmax)
     else:
         zero = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
-        out = torch.fake_quantize_per_channel_affine(w, scale.detach(), zero, axis, qmin, QMAX)
+        out = torch.fake_quantize_per_channel_affine(w, scale.detach(), zero, axis, qmin, qmax)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -156,14 +170,16 @@ class TensorQuantizer(nn.Module):
     positive scales enables it.
 
     Args:
-        kind: ``"weight"`` (per channel along ``axis``, range [-127, 127]) or ``"input"``
-            (per tensor, range [-128, 127]).
+        kind: ``"weight"`` (per channel along ``axis``, range [-127, 127], or [-63, 63] with
+            ``weight_bits=7``) or ``"input"`` (per tensor, range [-128, 127]).
         channels: number of weight channels (``weight.shape[axis]``); ignored for inputs.
         axis: the weight's output-channel axis (0 for Conv/Linear, 1 for ConvTranspose).
         learnable: LSQ scale (an ``nn.Parameter``) instead of a buffer.
+        weight_bits: 8 or 7, weights only.
     """
 
-    def __init__(self, kind: Kind, channels: int | None = None, axis: int | None = None, learnable: bool = False):
+    def __init__(self, kind: Kind, channels: int | None = None, axis: int | None = None, learnable: bool = False,
+                 weight_bits: int = 8):
         super().__init__()
         if kind not in ("weight", "input"):
             raise ValueError(f"TensorQuantizer: kind={kind!r} must be 'weight' or 'input'")
@@ -171,7 +187,8 @@ class TensorQuantizer(nn.Module):
             raise ValueError("TensorQuantizer: a weight quantizer needs channels and axis")
         self.kind = kind
         self.axis = axis if kind == "weight" else None
-        self.qmin = WEIGHT_QMIN if kind == "weight" else ACT_QMIN
+        self.qmax = weight_qmax(weight_bits) if kind == "weight" else QMAX
+        self.qmin = -self.qmax if kind == "weight" else ACT_QMIN
         self.learnable = learnable
         scale = torch.zeros((channels,) if kind == "weight" else ())
         if learnable:
@@ -185,12 +202,12 @@ class TensorQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         per = f"per-channel axis={self.axis}" if self.kind == "weight" else "per-tensor"
-        return f"{self.kind}, {per}, range=[{self.qmin}, {QMAX}], learnable={self.learnable}, enabled={self.enabled}"
+        return f"{self.kind}, {per}, range=[{self.qmin}, {self.qmax}], learnable={self.learnable}, enabled={self.enabled}"
 
     def set_amax(self, amax: torch.Tensor) -> None:
-        """Set the scale from a range (``amax / 127``) and enable quantization."""
+        """Set the scale from a range (``amax / qmax``) and enable quantization."""
         with torch.no_grad():
-            self.scale.copy_(scale_from_amax(amax).to(self.scale.device).reshape(self.scale.shape))
+            self.scale.copy_(scale_from_amax(amax, self.qmax).to(self.scale.device).reshape(self.scale.shape))
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,11 +240,11 @@ class TensorQuantizer(nn.Module):
         if self.kind == "input":
             factor = lsq_grad_factor(x.numel()) if learn else None
             return fake_quant_per_tensor(x, scale, self.qmin, factor)
-        factor = lsq_grad_factor(x.numel() // max(1, x.shape[self.axis])) if learn else None
+        factor = lsq_grad_factor(x.numel() // max(1, x.shape[self.axis]), self.qmax) if learn else None
         # The legacy ONNX exporter only accepts the range [-128, 127]; export_qdq clamps the
-        # weights to +-127 steps first, so the exported Q never yields -128 and matches torch.
-        qmin = ACT_QMIN if exporting else self.qmin
-        return fake_quant_per_channel(x, scale, self.axis, qmin, factor)
+        # weights to +-qmax steps first, so the exported Q yields exactly the trained integers.
+        qmin, qmax = (ACT_QMIN, QMAX) if exporting else (self.qmin, self.qmax)
+        return fake_quant_per_channel(x, scale, self.axis, qmin, factor, qmax)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)

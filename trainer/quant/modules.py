@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.quant.fake_quant import TensorQuantizer
+from trainer.quant.fake_quant import TensorQuantizer, weight_qmax
 
 
 class QuantLayer:
@@ -34,24 +34,25 @@ class QuantLayer:
     input_quant: TensorQuantizer
     weight_quant: TensorQuantizer
 
-    def attach_quantizers(self, name: str, learnable: bool) -> None:
+    def attach_quantizers(self, name: str, learnable: bool, weight_bits: int = 8) -> None:
         """(Re)create both quantizers with uncalibrated scales sized for the current weight."""
         weight = self.weight  # type: ignore[attr-defined]
         device = weight.device
         self.input_quant = TensorQuantizer("input", learnable=learnable).to(device)
         self.weight_quant = TensorQuantizer(
-            "weight", channels=weight.shape[self.WEIGHT_AXIS], axis=self.WEIGHT_AXIS, learnable=learnable
+            "weight", channels=weight.shape[self.WEIGHT_AXIS], axis=self.WEIGHT_AXIS, learnable=learnable,
+            weight_bits=weight_bits,
         ).to(device)
         self.input_quant.label = f"{name}.input_quant"
         self.weight_quant.label = f"{name}.weight_quant"
 
-    def quantizers_match(self, learnable: bool) -> bool:
-        """True when the attached quantizers fit the current weight shape and ``learnable``."""
+    def quantizers_match(self, learnable: bool, weight_bits: int = 8) -> bool:
+        """True when the attached quantizers fit the current weight shape, ``learnable`` and bits."""
         wq = getattr(self, "weight_quant", None)
         iq = getattr(self, "input_quant", None)
         return (
             isinstance(wq, TensorQuantizer) and isinstance(iq, TensorQuantizer)
-            and wq.learnable == learnable and iq.learnable == learnable
+            and wq.learnable == learnable and iq.learnable == learnable and wq.qmax == weight_qmax(weight_bits)
             and wq.scale.shape[0] == self.weight.shape[self.WEIGHT_AXIS]  # type: ignore[attr-defined]
         )
 
@@ -124,21 +125,21 @@ QUANT_CLASSES: dict[type[nn.Module], type[QuantLayer]] = {
 }
 
 
-def quantize_layer(layer: nn.Module, name: str, learnable: bool) -> QuantLayer:
+def quantize_layer(layer: nn.Module, name: str, learnable: bool, weight_bits: int = 8) -> QuantLayer:
     """Turn ``layer`` (exactly one of the ``QUANT_CLASSES`` keys) into its quantized class in place.
 
     An already-quantized layer keeps its quantizers when they still fit its weight and
     ``learnable``; otherwise fresh, uncalibrated ones are attached.
     """
     if isinstance(layer, QuantLayer):
-        if not layer.quantizers_match(learnable):
-            layer.attach_quantizers(name, learnable)
+        if not layer.quantizers_match(learnable, weight_bits):
+            layer.attach_quantizers(name, learnable, weight_bits)
         return layer
     cls = QUANT_CLASSES.get(type(layer))
     if cls is None:
         raise TypeError(f"{name}: {type(layer).__qualname__} has no quantized counterpart")
     layer.__class__ = cls
-    layer.attach_quantizers(name, learnable)  # type: ignore[attr-defined]
+    layer.attach_quantizers(name, learnable, weight_bits)  # type: ignore[attr-defined]
     return layer  # type: ignore[return-value]
 
 

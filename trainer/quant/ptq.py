@@ -38,12 +38,14 @@ def post_training_quantize(
     bins: int = 2048,
     skip_modules: Sequence[str] = (),
     on_unsupported: str = "error",
+    weight_bits: int = 8,
 ) -> CalibrationReport:
     """Quantize ``net`` in place, calibrate it on ``images`` (eval mode) and record the change.
 
     Returns the calibration report (activation ranges; quantizers no batch reached).
+    ``weight_bits=7``: weights on [-63, 63] (onnxruntime-CPU-safe, see ``fake_quant``).
     """
-    state = quantize_net(net, skip_modules, on_unsupported, learnable_scales=False)
+    state = quantize_net(net, skip_modules, on_unsupported, learnable_scales=False, weight_bits=weight_bits)
     report = calibrate(net, images, calibration, percentile, bins, train_mode=False)
     record(net, FakeQuantConversion, state)
     return report
@@ -59,6 +61,7 @@ def quantize_checkpoint(
     skip_modules: Sequence[str] = (),
     on_unsupported: str = "error",
     overwrite: bool = False,
+    weight_bits: int = 8,
 ) -> tuple[Path, CalibrationReport]:
     """PTQ of the checkpoint ``ckpt`` into a new checkpoint file ``out``."""
     from trainer.restore import restore_run
@@ -74,7 +77,8 @@ def quantize_checkpoint(
     if run.datamodule is None:
         raise UserError(f"{ckpt} has no datamodule recipe (datamodule_hyper_parameters); PTQ needs its training data")
     images = list(_images(run.datamodule, batches, ckpt))
-    report = post_training_quantize(run.net, images, calibration, percentile, bins, skip_modules, on_unsupported)
+    report = post_training_quantize(run.net, images, calibration, percentile, bins, skip_modules, on_unsupported,
+                                    weight_bits)
     checkpoint = _ptq_checkpoint(run.checkpoint, run.module, report, Path(ckpt))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -118,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", default=[], metavar="MODULE", help="module path to keep in float (repeatable)")
     p.add_argument("--on-unsupported", dest="on_unsupported", choices=ON_UNSUPPORTED, default="error")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--weight-bits", dest="weight_bits", type=int, choices=(8, 7), default=8,
+                   help="8: TensorRT's int8 grid; 7: exact in onnxruntime on every CPU (default: %(default)s)")
     return p
 
 
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--percentile={args.percentile} must be in (0, 100]")
         out, report = quantize_checkpoint(
             args.ckpt, args.out, args.calibration, args.batches, args.percentile, args.bins,
-            args.skip, args.on_unsupported, args.overwrite,
+            args.skip, args.on_unsupported, args.overwrite, args.weight_bits,
         )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
