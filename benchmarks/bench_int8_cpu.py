@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import os
 import platform
 import shutil
@@ -32,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,10 +139,7 @@ def main(argv=None) -> int:
     if emulate and (platform.machine() != "x86_64" or shutil.which("qemu-x86_64") is None):
         log(f"no qemu-x86_64 on this {platform.machine()} host: emulated columns skipped (apt-get install qemu-user)")
         emulate = None
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("trainer").setLevel(logging.ERROR)
-    torch.manual_seed(0)
+    bq.quiet()
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="bench_int8_cpu-"))
     dm, nets, calib = train(args, tmp)

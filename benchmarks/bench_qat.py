@@ -58,6 +58,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def quiet() -> None:
+    """Warnings and library logs off, seed 0: the benchmark prints only its own lines."""
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("trainer").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+
+
 def make_data(tmp: Path, steps_per_epoch: int, patch: int) -> HDF5SegDataModule:
     dm = HDF5SegDataModule(
         path=str(tmp / "phantom2d.h5"), spatial_dims=2, patch_size=[patch, patch], batch_size=8, num_workers=0,
@@ -150,10 +158,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.fp32_epochs, args.qat_epochs, args.repeats, args.steps_per_epoch = 1, 1, 3, 5
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("trainer").setLevel(logging.ERROR)
-    torch.manual_seed(0)
+    quiet()
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="bench_qat-"))
 

@@ -68,7 +68,7 @@ def restore_run(ckpt_path: str | Path, with_data: bool = True) -> RestoredRun:
     path = Path(ckpt_path)
     ckpt = load_checkpoint(path)
     module = _build_module(path, ckpt)
-    datamodule = _build_datamodule(path, ckpt) if with_data else None
+    datamodule = build_datamodule(path, ckpt) if with_data else None
     if datamodule is not None and module.class_names is None:
         module.class_names = list(getattr(datamodule, "class_names", []) or []) or None
     recipe = yaml.safe_load(ckpt.get(CHECKPOINT_KEY, {}).get("recipe") or "{}") or {}
@@ -97,11 +97,15 @@ def _build_module(path: Path, ckpt: dict[str, Any]) -> SegmentationModule:
     return module
 
 
-def _build_datamodule(path: Path, ckpt: dict[str, Any]) -> pl.LightningDataModule | None:
+def build_datamodule(path: Path, ckpt: dict[str, Any], overrides: dict[str, Any] | None = None
+                     ) -> pl.LightningDataModule | None:
+    """The checkpoint's datamodule, set up for validation; ``overrides`` replace recipe arguments
+    (``launch.py verify --data``: another file, every case). None when the recipe has none."""
     hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     if "_class_path" not in hparams:
         return None
+    hparams.update(overrides or {})
     try:
         dm = instantiate_module(pl.LightningDataModule, hparams)
     except Exception as exc:

@@ -120,28 +120,19 @@ def _artifact(directory: Path, card: dict[str, Any]) -> Path:
 
 def _reference_from_data(card: dict[str, Any], data: str, ckpt: str | None, max_batches: int | None):
     """``(PyTorch predictor, batches)`` for every labelled case of ``data``."""
-    from lightning.pytorch.cli import instantiate_module
-    import lightning.pytorch as pl
-
     from trainer.export.api import take_batches
-    from trainer.restore import restore_run
+    from trainer.restore import build_datamodule, restore_run
 
     ckpt_path = Path(ckpt) if ckpt else _card_checkpoint(card)
-    run = restore_run(ckpt_path, with_data=False)
-    hparams = dict(run.checkpoint.get("datamodule_hyper_parameters") or {})
-    hparams.pop("_instantiator", None)
-    if "_class_path" not in hparams:
-        raise UserError(f"{ckpt_path}: checkpoint carries no datamodule recipe; cannot read {data} the way it was trained")
     if not Path(data).exists():
         raise UserError(f"data file {data} does not exist")
-    hparams.update(path=str(data), generate=None, val_fraction=0.0, test_fraction=0.0, val_cases=None, test_cases=None,
-                   num_workers=0)
-    try:
-        dm = instantiate_module(pl.LightningDataModule, hparams)
-    except Exception as exc:
-        raise UserError(f"{data}: cannot open it with {hparams['_class_path']}: {' '.join(str(exc).split())[:300]}") from None
-    dm.prepare_data()
-    dm.setup("validate")
+    run = restore_run(ckpt_path, with_data=False)
+    # every case of the file is evaluated (no split), read the way the run read its own data
+    dm = build_datamodule(ckpt_path, run.checkpoint, {"path": str(data), "generate": None, "val_fraction": 0.0,
+                                                      "test_fraction": 0.0, "val_cases": None, "test_cases": None,
+                                                      "num_workers": 0})
+    if dm is None:
+        raise UserError(f"{ckpt_path}: checkpoint carries no datamodule recipe; cannot read {data} the way it was trained")
     if dm.num_classes != card["output"]["num_classes"]:
         raise UserError(f"{data} has {dm.num_classes} classes but the artifact outputs {card['output']['num_classes']}")
     model = run.module.net.cpu().eval()
