@@ -123,3 +123,45 @@ def load_yaml_text(text: str, where: str) -> Any:
 def load_yaml_file(path: str | os.PathLike, what: str) -> Any:
     """A YAML file's content, checked: regular file, size, aliases, depth, syntax."""
     return load_yaml_text(read_text_file(path, what), f"{what} {os.fspath(path)}")
+
+
+# ----------------------------------------------------------------------------- output folders
+def make_dirs(directory: str | os.PathLike, what: str) -> list[str]:
+    """``os.makedirs`` that returns the folders it created (outermost first) and reports, in
+    one line, a folder that cannot be written (read-only, a file in the way, permissions)."""
+    directory = os.path.abspath(directory)
+    missing, d = [], directory
+    while not os.path.exists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UserError(f"cannot write {what}: {d} is a file, not a folder")
+    if not os.access(d, os.W_OK):  # also true for root on a read-only filesystem
+        raise UserError(f"cannot write {what}: folder {d} is not writable")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        remove_dirs(missing[::-1])
+        raise UserError(f"cannot write {what}: cannot create folder {directory} ({e.strerror or e})") from None
+    return missing[::-1]
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise unless ``path`` (a file or folder to be written) could be created: its nearest
+    existing ancestor must be a writable folder. Nothing is created."""
+    d = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UserError(f"cannot write {os.fspath(path)}: {d} is a file, not a folder")
+    if not os.access(d, os.W_OK):
+        raise UserError(f"cannot write {os.fspath(path)}: folder {d} is not writable")
+
+
+def remove_dirs(created: list[str]) -> None:
+    """Remove folders made by :func:`make_dirs`, innermost first, where still empty."""
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
