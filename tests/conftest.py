@@ -13,6 +13,9 @@ ROOT = TESTS.parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 os.environ.setdefault("WANDB_MODE", "offline")
+# The tests' own datamodules and nets live in tests/ (tinydata, scale_kit): checkpoints that
+# name them may be restored (trainer/trust.py); subprocesses inherit this.
+os.environ.setdefault("COMPRESSSEG_TRUSTED_MODULES", "tinydata,scale_kit")
 
 
 @pytest.fixture

@@ -147,9 +147,15 @@ def settle_schedule_length(cfg: Any, where: str) -> None:
             raise UserError(f"{where}: model.lr_scheduler {_class_name(scheduler)} needs {param}, or trainer.max_epochs "
                             f"to follow (max_epochs={epochs})")
         _set(init_args, param, int(epochs))
-    elif epochs is not None and epochs > 0 and length != epochs:
+    elif epochs is not None and epochs > 0 and length != epochs and not _restarts_schedule(cfg):
         print(f"warning: {where}: model.lr_scheduler.init_args.{param}={length} but trainer.max_epochs={epochs}; "
               f"the schedule does not end with the run (leave {param} out to follow max_epochs)", file=sys.stderr)
+
+
+def _restarts_schedule(cfg: Any) -> bool:
+    # PruneRetrain (rewind_lr) rebuilds the optimizer and schedule every round: its T_max is a
+    # round's length by design, not the run's
+    return any(_class_name(cb) == "PruneRetrain" for cb in _entries(_get(_get(cfg, "trainer"), "callbacks")))
 
 
 def apply_recipe_rules(cfg: Any, where: str) -> None:
