@@ -79,7 +79,7 @@ def check_yaml_text(text: str, where: str, syntax_errors: bool = True) -> None:
 
 def _expanded_size(node: yaml.Node, memo: dict[int, int], depth: int, where: str) -> int:
     if depth > MAX_YAML_DEPTH:
-        raise UserError(f"{where}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
+        raise UserError(f"{where}: YAML nested too deeply (more than {MAX_YAML_DEPTH} levels)")
     key = id(node)
     if key in memo:  # a shared (aliased) node: counted again, computed once
         return memo[key]
