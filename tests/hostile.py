@@ -55,6 +55,12 @@ def tree(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
+def written(path: Path, data: bytes | str) -> Path:
+    """``path`` after writing ``data`` to it (for one-line test parameters)."""
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
 def make_fifo(path: Path) -> Path:
     os.mkfifo(path)
     return path

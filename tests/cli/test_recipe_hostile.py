@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from hostile import launch, make_fifo, one_line_error, run_cli, tree
+from hostile import launch, make_fifo, one_line_error, run_cli, tree, written
 from test_inputs import alias_bomb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,16 +135,11 @@ def trained(tmp_path_factory):
     return recipe, tmp / "run" / "checkpoints" / "last.ckpt"
 
 
-def _written(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
-
-
 @pytest.mark.parametrize("make, words", [
     (lambda d, good: d / "none.ckpt", "does not exist"),
-    (lambda d, good: _written(d / "zero.ckpt", b""), "empty file"),
-    (lambda d, good: _written(d / "half.ckpt", good.read_bytes()[: good.stat().st_size // 2]), "truncated"),
-    (lambda d, good: _written(d / "text.ckpt", b"not a checkpoint at all"), "not a torch.save file"),
+    (lambda d, good: written(d / "zero.ckpt", b""), "empty file"),
+    (lambda d, good: written(d / "half.ckpt", good.read_bytes()[: good.stat().st_size // 2]), "truncated"),
+    (lambda d, good: written(d / "text.ckpt", b"not a checkpoint at all"), "not a torch.save file"),
     (lambda d, good: (d / "dir.ckpt").mkdir() or d / "dir.ckpt", "latest"),
     (lambda d, good: make_fifo(d / "fifo.ckpt"), "FIFO"),
 ])
