@@ -25,6 +25,7 @@ BENCHMARKS = {
     "distillation (issue 5)": ["benchmarks/bench_distill.py", "--workers", str(min(2, os.cpu_count() or 1))],
     "prune-retrain (issue 6)": ["benchmarks/bench_prune.py"],
     "quantization (issue 7)": ["benchmarks/bench_qat.py"],
+    "data file check (issue 17)": ["benchmarks/bench_filecheck.py"],
 }
 QUICK = {"benchmarks/bench_distill.py": ["--quick"], "benchmarks/bench_qat.py": ["--quick"]}
 

@@ -161,6 +161,30 @@ def test_checkpoint_of_another_architecture_does_not_replace_the_recipes_network
                    "model.init_from")
 
 
+def test_init_from_and_teacher_that_are_not_checkpoints_are_one_line(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    zero = written(tmp_path / "zero.ckpt", b"")
+    one_line_error(*_fit(recipe, "--model.init_from", str(zero))[::2], "zero.ckpt", "empty file")
+    fifo = make_fifo(tmp_path / "teacher.ckpt")
+    _edit(recipe, lambda d: d["trainer"]["callbacks"].append(
+        {"class_path": "trainer.callbacks.distill.Distillation", "init_args": {"teacher": str(fifo)}}))
+    one_line_error(*_fit(recipe)[::2], "teacher checkpoint", "FIFO")
+    assert tree(tmp_path / "run") == []
+
+
+def test_resumed_run_with_a_longer_max_epochs_stretches_the_schedule(tmp_path):
+    recipe = _edit(tiny_recipe(tmp_path, epochs=1), lambda d: d["model"].update(
+        lr_scheduler={"class_path": "trainer.schedules.CosineAnnealingLR", "init_args": {"eta_min": 0.0}}))
+    assert _fit(recipe)[0] == 0
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["lr_schedulers"][0]["T_max"] == 1
+    code, _, err = _fit(recipe, "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    assert code == 0, err[-2000:]
+    state = torch.load(last, weights_only=True)["lr_schedulers"][0]
+    assert state["T_max"] == 3 and state["last_epoch"] == 3
+    assert state["_last_lr"][0] == pytest.approx(0.0, abs=1e-9)  # annealed to eta_min at the new end
+
+
 def test_nan_loss_stops_the_run_and_every_checkpoint_stays_finite(tmp_path):
     recipe = tiny_recipe(tmp_path, epochs=4)
     code, _, err = _fit(recipe, "--model.optimizer.init_args.lr", "1e30")  # weights blow up after step 0
