@@ -42,7 +42,10 @@ def check_recipe_arguments(args: list[str]) -> None:
         name, eq, inline = token.partition("=")
         if name in _FILE_OPTIONS and (eq or i + 1 < len(args)):
             path = inline if eq else args[i + 1]
-            check_yaml_text(read_text_file(path, "recipe"), f"recipe {path}")
+            if not os.path.lexists(path) and any(c in path for c in "{:\n"):  # a recipe given inline
+                check_yaml_text(path, "--config value")
+            else:
+                check_yaml_text(read_text_file(path, "recipe"), f"recipe {path}")
             i += 1 if eq else 2
             continue
         if token.endswith((".yaml", ".yml")) and os.path.exists(token):  # a nested config file (--model x.yaml)
