@@ -27,6 +27,7 @@ BENCHMARKS = {
     "prune-retrain (issue 6)": ["benchmarks/bench_prune.py"],
     "quantization (issue 7)": ["benchmarks/bench_qat.py"],
     "INT8 on every CPU (issue 15)": ["benchmarks/bench_int8_cpu.py"],
+    "data file check (issue 17)": ["benchmarks/bench_filecheck.py"],
 }
 QUICK = {"benchmarks/bench_distill.py": ["--quick"], "benchmarks/bench_qat.py": ["--quick"],
          "benchmarks/bench_int8_cpu.py": ["--quick"]}

@@ -22,6 +22,7 @@ What the design requires from the Trainer:
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import warnings
 from typing import Literal
@@ -74,6 +75,27 @@ def _check_arguments(name: str, *, spatial_dims, patch_size, pad_multiple, batch
         cases, unlabelled = generate.get("cases", phantom.DEFAULTS_2D["cases"]), generate.get("unlabelled", 0)
         if not isinstance(unlabelled, int) or not isinstance(cases, int) or not 0 <= unlabelled < cases:
             raise UserError(f"{name}: generate.unlabelled={unlabelled} must be in [0, cases={cases}): at least one case keeps its label")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_batch_memory(name: str, patch_size: list[int], batch_size: int, in_channels: int) -> None:
+    """Refuse a patch/batch that cannot fit in memory before a worker dies allocating it.
+
+    A training sample holds the float32 image patch, an int64 label and the copies
+    augmentation makes (about three of each); half the machine's memory is the bound."""
+    voxels = math.prod(patch_size)
+    need = batch_size * voxels * (4 * in_channels + 8) * 3
+    total = _physical_memory()
+    if total and need > total // 2:
+        raise UserError(f"{name}: patch_size={patch_size} with batch_size={batch_size} and {in_channels} channel(s) "
+                        f"needs about {need / 2**30:.1f} GiB per batch, more than half of this machine's "
+                        f"{total / 2**30:.1f} GiB; use a smaller patch_size or batch_size")
 
 
 class SegDataModule(L.LightningDataModule):
@@ -201,6 +223,7 @@ class SegDataModule(L.LightningDataModule):
         self._epoch = 0
         info = self.describe()
         self.num_classes, self.class_names, self.in_channels = info["num_classes"], info["class_names"], info["in_channels"]
+        _check_batch_memory(name, self.patch_size, self.batch_size, self.in_channels)
 
     # -- format hooks ------------------------------------------------------------------------
     def _source_exists(self) -> bool:
@@ -227,6 +250,7 @@ class SegDataModule(L.LightningDataModule):
         if self._source_exists():
             info = self._read_description()
         elif self.generate is not None:
+            self._check_phantom_name()
             info = phantom.describe(**self.generate)
         else:
             raise UserError(
@@ -234,6 +258,15 @@ class SegDataModule(L.LightningDataModule):
                 "or `data convert`, or give the datamodule a `generate` dict"
             )
         return {**info, "spatial_dims": self.spatial_dims}
+
+    def _check_phantom_name(self) -> None:
+        # A recipe's generate: block stays in when the recipe is reused on real data; a typo
+        # in data.path must not silently become a phantom file under the typo'd name.
+        if "phantom" not in os.path.basename(self.path.rstrip("/")).lower():
+            raise UserError(
+                f"data file {self.path} does not exist; the recipe's generate: block only creates phantom data under "
+                "a name containing 'phantom' (e.g. data/phantom2d.h5): check data.path for a typo, or name a phantom file"
+            )
 
     def prepare_data(self) -> None:
         """Generate the phantom if needed, then index/cache the files (once per node)."""
@@ -322,6 +355,7 @@ class SegDataModule(L.LightningDataModule):
             return
         if self.generate is None:
             self.describe()  # raises the missing-file error
+        self._check_phantom_name()
         args = dict(self.generate)
         num_classes = int(args.get("num_classes", 5))
         cases = phantom.iter_phantom_cases(

@@ -1,7 +1,8 @@
 """HDF5 reading and writing for the ``compressseg-h5`` layout (see :mod:`datamodules.schema`).
 
-Reads open the file with ``swmr=True`` so a file that a writer keeps open in SWMR mode can be
-read safely; writes use ``libver="latest"`` (needed for SWMR) and go to a temporary name that
+Reads open the file with ``swmr=True`` while a SWMR writer keeps it open (so it can be read
+safely), and without SWMR otherwise (corrupt metadata is then reported at once instead of
+being retried for minutes); writes use ``libver="latest"`` (needed for SWMR) and go to a temporary name that
 is renamed into place only when complete, so a crash never leaves a half-written file under
 the real name.
 
@@ -35,10 +36,12 @@ from datamodules.schema import (
     check_case_shapes,
     check_class_metadata,
     check_spacing,
+    sniff_data_file,
     validate_case,
 )
 from datamodules.store import CaseStore
 from trainer.errors import UserError
+from trainer.inputs import file_problem, make_dirs, remove_dirs
 
 COMPRESSIONS = (None, "lzf", "gzip")
 CHUNK_CACHE_BYTES = 64 * 2**20
@@ -46,16 +49,30 @@ CHUNK_CACHE_BYTES = 64 * 2**20
 
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block succeeds."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block succeeds.
+
+    On failure nothing is left: not the temporary file, not the folders made for ``path``.
+    An output that is an existing directory, or a folder that cannot be written (read-only,
+    full, not a folder), is a one-line ``UserError`` naming it."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise UserError(f"output {path} is a directory; give a file name (e.g. {os.path.join(path, 'data.h5')})")
+    directory = os.path.dirname(target)
+    created = make_dirs(directory, f"output {path}")
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    done = False
     try:
-        yield tmp
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+            done = True
+        except OSError as e:
+            raise UserError(f"cannot write output {path}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
+        if not done:
+            remove_dirs(created)
 
 
 def write_h5(
@@ -117,6 +134,9 @@ def write_h5(
             if count == 0:
                 raise UserError(f"{path}: no cases to write (empty dataset)")
             f.attrs["in_channels"] = int(in_channels)
+    from datamodules.filecheck import mark_checked
+
+    mark_checked(path)  # every case was validated above: no content check needed on first read
     return count
 
 
@@ -124,10 +144,11 @@ _MAGIC = b"\x89HDF\r\n\x1a\n"
 _SWMR_WRITE_FLAG = 0x04  # superblock v3 consistency flag: a SWMR writer has the file open
 
 
-def _superblock_end(path: str) -> int | None:
-    """The end-of-file address the superblock records (absolute), or None if a SWMR writer is
-    active or the superblock is not understood. Parsed by hand because a SWMR reader skips
-    HDF5's own truncation check and then retries unreadable metadata indefinitely."""
+def _superblock(path: str) -> tuple[int | None, bool]:
+    """``(end, swmr_writer)``: the end-of-file address the superblock records (absolute; None
+    if not understood or a SWMR writer is active) and whether a SWMR writer has the file open.
+    Parsed by hand because a SWMR reader skips HDF5's own truncation check and retries
+    unreadable or corrupt metadata for minutes (100 attempts with back-off)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         base = 0
@@ -138,7 +159,7 @@ def _superblock_end(path: str) -> int | None:
                 break
             base = 512 if base == 0 else base * 2
         else:
-            return None
+            return None, False
     version = block[8]
     if version in (0, 1):
         so, flags = block[13], int.from_bytes(block[20:24], "little")
@@ -146,27 +167,59 @@ def _superblock_end(path: str) -> int | None:
     elif version in (2, 3):
         so, flags, start = block[9], block[11], 12
     else:
-        return None
-    if so not in (2, 4, 8) or version == 3 and flags & _SWMR_WRITE_FLAG:
-        return None
+        return None, False
+    if version == 3 and flags & _SWMR_WRITE_FLAG:
+        return None, True
+    if so not in (2, 4, 8):
+        return None, False
     base_addr = int.from_bytes(block[start : start + so], "little")
     eof = int.from_bytes(block[start + 2 * so : start + 3 * so], "little")
     if eof == (1 << (8 * so)) - 1:  # undefined address
-        return None
-    return base_addr + eof
+        return None, False
+    return base_addr + eof, False
 
 
-def open_h5(path: str, **kwargs) -> h5py.File:
-    """Open read-only with SWMR; a missing, truncated or non-HDF5 file is a ``UserError``."""
-    if not os.path.isfile(path):
-        raise UserError(f"data file {path} does not exist; create it with `launch.py data generate` or `data convert`")
-    end, size = _superblock_end(path), os.path.getsize(path)
+def open_h5(path: str, checked: bool = False, **kwargs) -> h5py.File:
+    """Open read-only; a missing, truncated, corrupt or non-HDF5 file is a ``UserError``.
+
+    The first open of each file version runs the one-time content check of
+    :mod:`datamodules.filecheck` (metadata, finite images, label range) unless ``checked``.
+    SWMR mode only while a SWMR writer has the file open: it is needed then, and otherwise
+    HDF5 reports corrupt metadata at once instead of retrying it for minutes."""
+    problem = file_problem(path)
+    if problem:
+        hint = "; create it with `launch.py data generate` or `data convert`" if problem == "does not exist" else ""
+        raise UserError(f"data file {path} {problem}{hint}")
+    kind, what = sniff_data_file(path)
+    if kind == "tfrecord":
+        raise UserError(f"{path} is a TFRecord file, not HDF5; read it with datamodules.tfrecord.TFRecordSegDataModule")
+    if kind != "h5":
+        raise UserError(f"{path}: cannot be read as HDF5, it is not an HDF5 file or is truncated (it looks like {what}); "
+                        "regenerate or reconvert it")
+    (end, swmr), size = _superblock(path), os.path.getsize(path)
     if end is not None and end > size:
         raise UserError(f"{path}: the file is truncated ({size} bytes, its header says {end}); regenerate or reconvert it")
+    if not checked:
+        from datamodules.filecheck import ensure_h5_checked
+
+        ensure_h5_checked(path)
     try:
-        return h5py.File(path, "r", swmr=True, **kwargs)
+        return h5py.File(path, "r", swmr=swmr, **kwargs)
     except OSError as e:
-        raise UserError(f"{path}: cannot be read as HDF5, the file is truncated or not HDF5 ({e}); regenerate or reconvert it") from None
+        raise UserError(f"{path}: cannot be read as HDF5, the file is truncated, corrupt or not HDF5 "
+                        f"({' '.join(str(e).split())[:200]}); regenerate or reconvert it") from None
+
+
+@contextmanager
+def _damaged(path: str) -> Iterator[None]:
+    """h5py's errors on damaged metadata (OSError, KeyError, RuntimeError...) as one line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise UserError(f"{path}: the file's metadata is damaged ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}); regenerate or reconvert it") from None
 
 
 def _attr(f: h5py.File, key: str, path: str):
@@ -189,15 +242,15 @@ def _read_root(f: h5py.File, path: str) -> tuple[int, list[str], int]:
 
 def read_h5_description(path: str) -> dict:
     """``num_classes``, ``class_names``, ``in_channels`` from the root attributes only."""
-    with open_h5(path) as f:
+    with open_h5(path) as f, _damaged(path):
         num_classes, class_names, in_channels = _read_root(f, path)
     return {"num_classes": num_classes, "class_names": class_names, "in_channels": in_channels}
 
 
-def read_h5_header(path: str) -> tuple[DatasetHeader, list[tuple[int | None, int | None]]]:
+def read_h5_header(path: str, checked: bool = False) -> tuple[DatasetHeader, list[tuple[int | None, int | None]]]:
     """Read metadata only. Returns the header and, per case, the byte offsets of the image and
     label datasets (``None`` where a dataset is chunked or filtered, so it cannot be mapped)."""
-    with open_h5(path) as f:
+    with open_h5(path, checked) as f, _damaged(path):
         num_classes, class_names, in_channels = _read_root(f, path)
         if "cases" not in f or not isinstance(f["cases"], h5py.Group):
             raise UserError(f"{path}: group '/cases' is missing; expected /cases/<case_id>/image and /label")
@@ -281,10 +334,24 @@ def iter_h5_cases(path: str) -> Iterator[tuple[str, np.ndarray, np.ndarray | Non
     """Yield every case's arrays in file order (used to build caches and by ``inspect``);
     ``label`` is None for an unlabelled case."""
     with open_h5(path) as f:
-        for case_id, g in f["cases"].items():
-            try:
+        for case_id in _case_ids(f, path):
+            with _damaged(f"{path} /cases/{case_id}"):
+                g = f["cases"][case_id]
                 image, label = g["image"][()], g["label"][()]
-            except OSError as e:
-                raise UserError(f"{path} /cases/{case_id}: cannot read the arrays, the file is damaged ({e}); regenerate or reconvert it") from None
-            where = f"{path} /cases/{case_id}"
-            yield case_id, image, label if _labelled(g, where) else None, check_spacing(g.attrs["spacing"], where)
+                where = f"{path} /cases/{case_id}"
+                labelled, spacing = _labelled(g, where), check_spacing(g.attrs["spacing"], where)
+            yield case_id, image, label if labelled else None, spacing
+
+
+def _case_ids(f: h5py.File, path: str) -> list[str]:
+    with _damaged(path):
+        return list(f["cases"].keys())
+
+
+def iter_case_arrays(path: str, header: DatasetHeader) -> Iterator[tuple[CaseInfo, h5py.Dataset, np.ndarray]]:
+    """``(case, image dataset, label array)`` per case, for checks that read an image in blocks
+    (the one-time content check; the file must already have passed it or be its subject)."""
+    with open_h5(path, checked=True) as f, _damaged(path):
+        for info in header.cases:
+            g = f["cases"][info.case_id]
+            yield info, g["image"], g["label"][()]

@@ -146,3 +146,45 @@ def validate_case(image: np.ndarray, label: np.ndarray | None, num_classes: int,
     if not np.isfinite(image).all():
         raise UserError(f"{where}: image contains NaN or Inf values; clean the source data")
     return label
+
+
+# -- what a file is ---------------------------------------------------------------------------
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_OTHER_MAGIC = ((b"\x93NUMPY", "a NumPy .npy array"), (b"PK\x03\x04", "a zip archive (.npz, or a torch checkpoint)"),
+                (b"\x80\x02", "a Python pickle"), (b"{", "JSON text"), (b"%YAML", "YAML text"),
+                (b"\x28\xb5\x2f\xfd", "zstd-compressed data"), (b"BZh", "bzip2-compressed data"))
+
+
+def sniff_data_file(path: str) -> tuple[str | None, str]:
+    """``("h5" | "tfrecord" | None, description)`` from a file's first bytes only.
+
+    HDF5: the signature at offset 0, 512, 1024 or 2048 (after a user block). TFRecord: the
+    first record's length field passes its masked CRC32C (for gzip, in the decompressed
+    stream). Anything else is named by what it looks like, for the error message."""
+    import gzip
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(2056)
+    if any(head[o : o + 8] == _HDF5_MAGIC for o in (0, 512, 1024, 2048)):
+        return "h5", "an HDF5 file"
+    stream = head
+    if head[:2] == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as g:
+                stream = g.read(12)
+        except (OSError, EOFError):
+            return None, "a damaged gzip file"
+    if len(stream) >= 12:
+        from datamodules.tfrecord import masked_crc
+
+        if struct.unpack("<I", stream[8:12])[0] == masked_crc(stream[:8]):
+            return "tfrecord", "a TFRecord file"
+    if head[:2] == b"\x1f\x8b":
+        return None, "a gzip file that does not hold TFRecords"
+    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return None, "a NIfTI image (convert it with `launch.py data convert`)"
+    for magic, what in _OTHER_MAGIC:
+        if head.startswith(magic):
+            return None, what
+    return None, "an empty file" if not head else "a file of unknown format"

@@ -36,6 +36,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import math
 import os
 import struct
 from collections import OrderedDict
@@ -61,10 +62,12 @@ from datamodules.schema import (
     check_case_shapes,
     check_class_metadata,
     check_spacing,
+    sniff_data_file,
     validate_case,
 )
 from datamodules.store import CaseStore
 from trainer.errors import UserError
+from trainer.inputs import file_problem
 
 _EXTENSIONS = (".tfrecord", ".tfrecords", ".tfrec", ".tfrecord.gz", ".tfrecords.gz", ".tfrec.gz")
 _FEATURES = ("format", "version", "case_id", "image", "image_shape", "label", "label_shape", "spacing",
@@ -90,13 +93,47 @@ def _read_exact(f, n: int, path: str, number: int, what: str) -> bytes:
     return data
 
 
+_CHUNK = 64 * 2**20
+
+
+def _read_payload(f, length: int, path: str, number: int) -> bytes:
+    """``length`` bytes, never allocated ahead of the data: a length field of 2**40 with a
+    valid CRC must end as "truncated", not as an attempt to allocate 1 TiB. A plain file's
+    remaining size bounds it at once; a gzip stream is read in chunks until it ends."""
+    remaining = _remaining_bytes(f)
+    if remaining is not None and length > remaining:
+        raise UserError(f"{path}: record {number} is truncated (its length field says {length} bytes of payload, "
+                        f"{remaining} remain in the file); the file is incomplete or damaged, rewrite it")
+    if length <= _CHUNK:
+        return _read_exact(f, length, path, number, "payload")
+    parts, got = [], 0
+    while got < length:
+        part = f.read(min(_CHUNK, length - got))
+        if not part:
+            raise UserError(f"{path}: record {number} is truncated (payload: got {got} of {length} bytes); "
+                            "the file is incomplete, rewrite it")
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _remaining_bytes(f) -> int | None:
+    """Bytes left after the current position of a plain file; None for a (gzip) stream."""
+    if isinstance(f, gzip.GzipFile):
+        return None
+    try:
+        return os.fstat(f.fileno()).st_size - f.tell()
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
 def _read_framed(f, path: str, number: int) -> bytes:
     """Read one record at the current position, verifying both CRCs."""
     head = _read_exact(f, 12, path, number, "header")
     (length,) = struct.unpack("<Q", head[:8])
     if struct.unpack("<I", head[8:])[0] != masked_crc(head[:8]):
         raise UserError(f"{path}: record {number} has a corrupted length field (CRC mismatch); the file is damaged, rewrite it")
-    payload = _read_exact(f, length, path, number, "payload")
+    payload = _read_payload(f, length, path, number)
     (stored,) = struct.unpack("<I", _read_exact(f, 4, path, number, "payload CRC"))
     if stored != masked_crc(payload):
         raise UserError(f"{path}: record {number} failed its CRC32C check (payload corrupted); the file is damaged, rewrite it")
@@ -239,12 +276,13 @@ def decode_case(payload: bytes, path: str, number: int, arrays: bool = True) -> 
         raise UserError(f"{where}: feature 'labelled' is {labelled!r}, expected 0 or 1")
     out = {"case_id": case_id, "image_shape": image_shape, "num_classes": num_classes, "class_names": class_names,
            "spacing": check_spacing(np.frombuffer(spacing_bytes, "<f8"), where), "labelled": bool(labelled)}
-    if arrays:
-        for key, shape, dtype in (("image", image_shape, IMAGE_DTYPE), ("label", label_shape, LABEL_DTYPE)):
-            raw = one(key, "bytes_list")
-            need = int(np.prod(shape)) * dtype.itemsize
-            if len(raw) != need:
-                raise UserError(f"{where}: {key} has {len(raw)} bytes but shape {list(shape)} needs {need}")
+    for key, shape, dtype in (("image", image_shape, IMAGE_DTYPE), ("label", label_shape, LABEL_DTYPE)):
+        raw = one(key, "bytes_list")
+        need = math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot overflow
+        if not isinstance(raw, bytes) or len(raw) != need:
+            got = len(raw) if isinstance(raw, bytes) else "no"
+            raise UserError(f"{where}: {key} has {got} bytes but shape {list(shape)} needs {need}")
+        if arrays:
             out[key] = np.frombuffer(raw, dtype).reshape(shape).copy()
     return out
 
@@ -288,6 +326,9 @@ def write_tfrecord(path: str, cases: Iterable[tuple[str, np.ndarray, np.ndarray,
     if os.path.exists(index_path):
         os.remove(index_path)
     ensure_index(path)
+    from datamodules.filecheck import mark_checked
+
+    mark_checked(path)  # every case was validated above
     return count
 
 
@@ -325,6 +366,23 @@ def iter_tfrecord_cases(files: list[str], indexes: list[np.ndarray] | None = Non
             yield case["case_id"], case["image"], case["label"] if case["labelled"] else None, case["spacing"]
         if indexes is not None and count != len(indexes[k]):
             raise _index_mismatch(index_path_for(path), path, f"the index lists {len(indexes[k])} records, the file has {count}")
+
+
+def check_tfrecord_content(path: str, index: np.ndarray | None = None) -> None:
+    """Finite images and in-range labels in every record of ``path``, once per file version
+    (see :mod:`datamodules.filecheck`); CRCs and the schema are checked while decoding."""
+    from datamodules.filecheck import check_finite, is_checked, mark_checked
+    from datamodules.schema import check_label_range
+
+    if is_checked(path):
+        return
+    num_classes = read_tfrecord_description([path])["num_classes"]
+    for case_id, image, label, _ in iter_tfrecord_cases([path], None if index is None else [index]):
+        where = f"{path} case {case_id!r}"
+        check_finite(image, where)
+        if label is not None:
+            check_label_range(label, num_classes, where)
+    mark_checked(path)
 
 
 def read_tfrecord_description(files: list[str]) -> dict:
@@ -412,7 +470,16 @@ class TFRecordSegDataModule(SegDataModule):
 
     @property
     def files(self) -> list[str]:
-        return list_tfrecord_files(self.path)
+        files = list_tfrecord_files(self.path)
+        if not files and os.path.lexists(self.path) and not os.path.isdir(self.path):
+            raise UserError(f"data file {self.path} {file_problem(self.path)}")
+        for f in files[:1] if os.path.isfile(self.path) else []:
+            kind, what = sniff_data_file(f)
+            if kind == "h5":
+                raise UserError(f"{f} is an HDF5 file, not TFRecord; read it with datamodules.hdf5.HDF5SegDataModule")
+            if kind is None and os.path.getsize(f) > 0:  # an empty file: "contains no records" below
+                raise UserError(f"{f} is not a TFRecord file (it looks like {what})")
+        return files
 
     def _source_exists(self) -> bool:
         return bool(self.files)
@@ -433,6 +500,9 @@ class TFRecordSegDataModule(SegDataModule):
         files = self.files
         self._indexes = [ensure_index(f) for f in files]
         location = self._location()
+        if location is None:  # read in place: content-check each file version once (the cache build validates)
+            for f, index in zip(files, self._indexes):
+                check_tfrecord_content(f, index)
         if location is not None and not cache_ready(location):
             first = read_tfrecord_description(files)
             build_cache(location, iter_tfrecord_cases(files, self._indexes), num_classes=first["num_classes"],

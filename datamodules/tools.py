@@ -19,10 +19,10 @@ import sys
 import numpy as np
 
 from datamodules import phantom
-from datamodules.schema import H5_FORMAT, TFRECORD_FORMAT
+from datamodules.filecheck import check_finite
+from datamodules.schema import H5_FORMAT, TFRECORD_FORMAT, sniff_data_file
 from trainer.errors import UserError
-
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+from trainer.inputs import check_writable, file_problem
 
 
 def output_format(path: str, fmt: str | None) -> str:
@@ -57,10 +57,18 @@ def _progress(iterable, total: int, desc: str):
 
 
 # -- generate ----------------------------------------------------------------------------------
+def check_output(path: str, force: bool) -> None:
+    """An output must be a file name: not a directory (even with --force), not an existing file without --force."""
+    if os.path.isdir(path):
+        raise UserError(f"--out {path} is a directory; give a file name (e.g. {os.path.join(path, 'data.h5')})")
+    if os.path.lexists(path) and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    check_writable(path)  # now, not after converting every case
+
+
 def cmd_generate(args) -> int:
     fmt = output_format(args.out, args.format)
-    if os.path.exists(args.out) and not args.force:
-        raise UserError(f"{args.out} exists; pass --force to overwrite it")
+    check_output(args.out, args.force)
     defaults = phantom.DEFAULTS_2D if args.dims == 2 else phantom.DEFAULTS_3D
     shape = tuple(args.shape or defaults["shape"])
     cases = args.cases or defaults["cases"]
@@ -84,8 +92,7 @@ def cmd_convert(args) -> int:
     from datamodules.convert import find_cases, iter_folder_cases
 
     fmt = output_format(args.out, args.format)
-    if os.path.exists(args.out) and not args.force:
-        raise UserError(f"{args.out} exists; pass --force to overwrite it")
+    check_output(args.out, args.force)
     count = len(find_cases(args.src, args.unlabelled))
     num_classes = args.num_classes
     if num_classes is None:  # a first pass over the labels only
@@ -107,13 +114,16 @@ def cmd_convert(args) -> int:
 
 # -- inspect -----------------------------------------------------------------------------------
 def detect_format(path: str) -> str:
+    """``"h5"`` or ``"tfrecord"`` from the file's first bytes (a directory or glob: TFRecords)."""
     if os.path.isdir(path) or any(ch in path for ch in "*?["):
         return "tfrecord"
-    if not os.path.isfile(path):
-        raise UserError(f"data file {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    return "h5" if head == _HDF5_MAGIC else "tfrecord"
+    problem = file_problem(path)
+    if problem:
+        raise UserError(f"data file {path} {problem}")
+    kind, what = sniff_data_file(path)
+    if kind is None:
+        raise UserError(f"{path} is neither HDF5 nor TFRecord (it looks like {what}); `data inspect` reads those two")
+    return kind
 
 
 def inspect_file(path: str) -> dict:
@@ -153,6 +163,7 @@ def inspect_file(path: str) -> dict:
     cases, counts, spacings, shapes = [], None, [], {}
     for case_id, image, label, spacing in stream:
         k = meta["num_classes"]
+        check_finite(image, f"{path} case {case_id!r}")
         shapes[str(list(image.shape))] = shapes.get(str(list(image.shape)), 0) + 1
         spacings.append(spacing)
         if label is None:  # unlabelled: no class statistics

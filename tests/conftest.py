@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +14,9 @@ ROOT = TESTS.parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 os.environ.setdefault("WANDB_MODE", "offline")
+# The tests' own datamodules and nets live in tests/ (tinydata, scale_kit): checkpoints that
+# name them may be restored (trainer/trust.py); subprocesses inherit this.
+os.environ.setdefault("COMPRESSSEG_TRUSTED_MODULES", "tinydata,scale_kit")
 
 
 @pytest.fixture
@@ -34,3 +38,36 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Node caches and content-check markers go to a per-session temp dir, never to the
+    user's /tmp cache (subprocesses inherit it through the environment)."""
+    old = os.environ.get("COMPRESSSEG_CACHE_DIR")
+    os.environ["COMPRESSSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("COMPRESSSEG_CACHE_DIR", None)
+    else:
+        os.environ["COMPRESSSEG_CACHE_DIR"] = old
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder nobody can write into, root included: a read-only tmpfs mounted there when the
+    tests run as root (permissions do not stop root), mode 0555 otherwise."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "none", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"running as root without permission to mount a read-only tmpfs: {done.stderr.decode()[:200]}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)

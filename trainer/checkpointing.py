@@ -31,6 +31,7 @@ from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from trainer.errors import UserError
+from trainer.inputs import file_problem
 
 #: ``--ckpt_path`` values resolved by :func:`resolve_resume_path`
 LAST = "last"
@@ -104,6 +105,8 @@ def verify_checkpoint(path: str | Path) -> str | None:
 
 
 def _file_problem(path: Path) -> str | None:
+    if problem := file_problem(path):  # a FIFO would block the read below; a device is no checkpoint
+        return problem
     if path.stat().st_size == 0:
         return "empty file"
     try:

@@ -41,6 +41,14 @@ def load_net_from_checkpoint(net: nn.Module, path: str) -> None:
         )
 
 
+def _net_classes(net: nn.Module) -> int:
+    for attr in ("num_classes", "out_channels"):
+        if isinstance(getattr(net, attr, None), int):
+            return getattr(net, attr)
+    raise UserError(f"model.num_classes is not set and {type(net).__name__} has no num_classes/out_channels attribute; "
+                    "set model.num_classes (classes including background)")
+
+
 def _adamw(params):
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
 
@@ -51,6 +59,9 @@ class SegmentationModule(pl.LightningModule):
     Args:
         net: the network (recipe: ``class_path`` + ``init_args``; e.g. ``trainer.models.UNet``).
         num_classes: classes including background; checked against the data and the net.
+            Set it once: in a recipe it fills the net's ``num_classes`` (or ``out_channels``)
+            when that is left at its default (``trainer.recipe_rules``); ``None`` takes the
+            net's ``num_classes``/``out_channels`` attribute.
         loss: supervised loss. Default ``DiceCE()``.
         supervised_weight: weight of the supervised loss among all loss terms. Default 1.0.
         optimizer: optimizer factory (recipe: ``class_path: torch.optim.AdamW``...).
@@ -71,7 +82,7 @@ class SegmentationModule(pl.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        num_classes: int,
+        num_classes: int | None = None,
         loss: nn.Module | None = None,
         supervised_weight: float = 1.0,
         optimizer: OptimizerCallable | None = None,
@@ -83,6 +94,7 @@ class SegmentationModule(pl.LightningModule):
         init_from: str | None = None,
     ):
         super().__init__()
+        num_classes = _net_classes(net) if num_classes is None else num_classes
         if num_classes < 2:
             raise UserError(f"model.num_classes={num_classes}: need at least 2 (background + one class)")
         if supervised_weight < 0:
@@ -156,11 +168,33 @@ class SegmentationModule(pl.LightningModule):
             if isinstance(cb, LossContributor):
                 terms.update(cb.loss_terms(self, batch, outputs))
         loss = torch.stack([t.float() for t in terms.values()]).sum()
+        self._stop_if_not_finite(loss, terms, batch, batch_idx)
         bs = batch["image"].shape[0]
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value.detach(), batch_size=bs, sync_dist=False)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         return loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], batch: dict[str, Any],
+                            batch_idx: int) -> None:
+        """A NaN/Inf loss stops the run before its backward: the weights (and any checkpoint
+        written later) stay those of the last finite step. One scalar sync per step; under
+        DDP every rank learns that one of them saw it, so none is left waiting in a collective."""
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+        if not bad:
+            return
+        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        image = batch["image"]
+        cause = ("the batch's images contain NaN/Inf values (run `launch.py data inspect` on the data file)"
+                 if not bool(torch.isfinite(image).all()) else
+                 "lower the learning rate, set trainer.gradient_clip_val, or check the data with `launch.py data inspect`")
+        step = self.trainer.global_step if self._trainer is not None else batch_idx
+        cases = list(batch.get("case", []))[:4]
+        raise UserError(f"training loss is not finite ({values}) at epoch {self.current_epoch}, step {step}, "
+                        f"cases {cases} (or another rank's batch); stopped before this step's update, no checkpoint "
+                        f"written for it; {cause}")
 
     def supervised_loss(self, outputs, batch: dict[str, Any]) -> torch.Tensor:
         """``self.loss`` over the batch's labelled samples. Unlabelled samples (there for
@@ -191,12 +225,15 @@ class SegmentationModule(pl.LightningModule):
 
     def _eval_step(self, batch: dict[str, Any], metric: DiceScore, prefix: str) -> None:
         logits = self.predict_full(batch["image"])
+        self._check_output(logits, batch)
         metric.update(logits.argmax(1), batch["label"])
         loss = self.loss(logits, batch["label"])
         self.log(f"{prefix}/loss", loss, batch_size=batch["image"].shape[0], sync_dist=True)
 
     def _eval_epoch_end(self, metric: DiceScore, prefix: str) -> None:
-        per_class = metric.compute()  # foreground classes, NaN where never present
+        # foreground classes, NaN where never present; torchmetrics returns a 0-d tensor when
+        # there is one foreground class (binary segmentation)
+        per_class = metric.compute().reshape(-1)
         metric.reset()
         names = (self.class_names or [])[1:] or [f"class{i}" for i in range(1, self.num_classes)]
         for name, value in zip(names, per_class):
@@ -217,6 +254,13 @@ class SegmentationModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Never write a checkpoint full of NaN/Inf (the loss check stops a run at the first
+        # non-finite loss; this catches weights that overflowed in a step with a finite loss).
+        bad = next((name for name, p in self.net.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise UserError(f"network weight {bad!r} holds NaN/Inf values at epoch {self.current_epoch}, step "
+                            f"{self.global_step}; the checkpoint was not written. Lower the learning rate or set "
+                            "trainer.gradient_clip_val")
         checkpoint.setdefault(CHECKPOINT_KEY, {})["structure"] = history(self.net)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -224,13 +268,56 @@ class SegmentationModule(pl.LightningModule):
         # built: replaying pruning/QAT here makes the weights fit and the optimizer see the
         # final parameters.
         replay(self.net, checkpoint.get(CHECKPOINT_KEY, {}).get("structure", []))
+        self._check_checkpoint_fits(checkpoint)
+
+    def _check_checkpoint_fits(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line, a checkpoint whose weights do not fit this recipe's network
+        (Lightning's strict load would stop with a traceback a moment later)."""
+        if "state_dict" not in checkpoint:  # DeepSpeed: its engine holds (and checks) the weights
+            return
+        theirs, mine = checkpoint["state_dict"], self.state_dict()
+        missing = [k for k in mine if k not in theirs]
+        unexpected = [k for k in theirs if k not in mine]
+        shapes = [f"{k} {list(theirs[k].shape)} vs {list(mine[k].shape)}" for k in mine
+                  if k in theirs and hasattr(theirs[k], "shape") and tuple(theirs[k].shape) != tuple(mine[k].shape)]
+        if not (missing or unexpected or shapes):
+            return
+        details = "; ".join(part for part in (
+            f"shapes differ: {', '.join(shapes[:2])}" if shapes else "", f"missing {missing[:2]}" if missing else "",
+            f"unexpected {unexpected[:2]}" if unexpected else "") if part)
+        net = (checkpoint.get("hyper_parameters") or {}).get("net")
+        made_by = ""
+        if isinstance(net, dict):
+            made_by = f"; it was trained with model.net {net.get('class_path')} {dict(net.get('init_args') or {})}"
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        raise UserError(f"checkpoint {path or ''} does not fit this recipe's {type(self.net).__name__} ({details}){made_by}; "
+                        "resume with the recipe that wrote it, or start from its network with model.init_from")
+
+    def on_train_start(self) -> None:
+        # A run resumed with a new trainer.max_epochs: the scheduler state restored from the
+        # checkpoint carries the old length; the recipe's (which follows max_epochs) wins.
+        for config in self.trainer.lr_scheduler_configs[:1]:
+            for attr, wanted in getattr(self, "_schedule_length", {}).items():
+                setattr(config.scheduler, attr, wanted)
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         # Only trainable parameters: technique callbacks may hold frozen modules (a teacher)
         # or learnable quantizer scales that they register on the net itself.
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = _build("model.optimizer", self.optimizer_factory, params)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+        scheduler = _build("model.lr_scheduler", self.scheduler_factory, optimizer)
+        # the length the recipe asks for, kept off the scheduler (whose state the checkpoint restores)
+        self._schedule_length = {a: getattr(scheduler, a) for a in ("T_max", "total_iters") if hasattr(scheduler, a)}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def _build(key: str, factory, arg):
+    # Optimizers and schedulers are built here, not by the recipe parser: a bad value in the
+    # recipe (lr=-1, T_max=0...) surfaces as their ValueError/TypeError/ZeroDivisionError.
+    try:
+        return factory(arg)
+    except (ValueError, TypeError, ZeroDivisionError) as exc:
+        raise UserError(f"{key}: {type(exc).__name__}: {exc}") from None

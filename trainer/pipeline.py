@@ -28,6 +28,7 @@ import argparse
 import copy
 import hashlib
 import json
+import re
 import shlex
 import shutil
 import signal
@@ -40,12 +41,14 @@ from typing import Any
 import yaml
 
 from trainer.errors import UserError
+from trainer.inputs import load_yaml_file
 from trainer.export.card import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_KEYS = {"name", "recipe", "set", "inputs", "export", "checkpoint"}
 TOP_KEYS = {"run_dir", "stages", "final"}
 STATUS = "stage.json"
+_STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclass
@@ -60,15 +63,15 @@ class Stage:
 # ---------------------------------------------------------------- parsing
 def load_pipeline(path: str | Path) -> tuple[Path, list[Stage]]:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"pipeline file {path} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = load_yaml_file(path, "pipeline file") or {}
     if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
         raise UserError(f"{path}: needs a non-empty 'stages' list")
     unknown = set(spec) - TOP_KEYS
     if unknown:
         raise UserError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
     run_dir = Path(spec.get("run_dir") or f"runs/{path.stem}")
+    if not str(run_dir).strip() or run_dir.resolve() == Path(run_dir.resolve().anchor):
+        raise UserError(f"{path}: run_dir={str(run_dir)!r} must name a folder for the pipeline's outputs")
     stages: list[Stage] = []
     for i, raw in enumerate(spec["stages"]):
         stages.append(_parse_stage(path, i, raw, stages))
@@ -87,7 +90,7 @@ def _check_final(path: Path, final: Any, stages: list[Stage]) -> None:
 
 def final_artifact(path: str | Path) -> str | None:
     """The pipeline's ``final`` entry (``STAGE/FORMAT``), if it has one."""
-    return (yaml.safe_load(Path(path).read_text()) or {}).get("final")
+    return (load_yaml_file(Path(path), "pipeline file") or {}).get("final")
 
 
 def _parse_stage(path: Path, i: int, raw: Any, earlier: list[Stage]) -> Stage:
@@ -95,6 +98,9 @@ def _parse_stage(path: Path, i: int, raw: Any, earlier: list[Stage]) -> Stage:
     if not isinstance(raw, dict) or not raw.get("name"):
         raise UserError(f"{where} must be a mapping with a 'name'")
     name = str(raw["name"])
+    if not _STAGE_NAME.fullmatch(name) or name in (".", ".."):
+        raise UserError(f"{where}: stage name {name!r} must be a plain folder name (letters, digits, '_', '-', '.'; "
+                        "no '/', not '..'): each stage runs in <run_dir>/<name>/")
     where = f"{path}: stage '{name}'"
     if set(raw) - STAGE_KEYS:
         raise UserError(f"{where}: unknown keys {sorted(set(raw) - STAGE_KEYS)}; allowed: {sorted(STAGE_KEYS)}")
@@ -102,16 +108,21 @@ def _parse_stage(path: Path, i: int, raw: Any, earlier: list[Stage]) -> Stage:
     if name in known:
         raise UserError(f"{where}: the name is used twice")
     if "recipe" in raw:
-        recipe_path = Path(raw["recipe"])
-        if not recipe_path.is_file():
-            raise UserError(f"{where}: recipe {recipe_path} does not exist")
-        recipe = yaml.safe_load(recipe_path.read_text()) or {}
+        recipe = load_yaml_file(Path(raw["recipe"]), f"{where}: recipe") or {}
+        if not isinstance(recipe, dict):
+            raise UserError(f"{where}: recipe {raw['recipe']} is not a mapping of recipe keys")
     elif earlier:
         recipe = copy.deepcopy(earlier[-1].recipe)
     else:
         raise UserError(f"{where}: the first stage needs a 'recipe'")
+    for field_name in ("set", "inputs"):
+        if not isinstance(raw.get(field_name) or {}, dict):
+            raise UserError(f"{where}: '{field_name}' must be a mapping of dotted recipe keys, got {raw[field_name]!r}")
+    exports = raw.get("export") or []
+    if not isinstance(exports, list) or not all(isinstance(e, str) and e.strip() for e in exports):
+        raise UserError(f"{where}: 'export' must be a list of 'FORMAT [options]' strings, got {exports!r}")
     for key, value in (raw.get("set") or {}).items():
-        set_dotted(recipe, key, value, where)
+        set_dotted(recipe, str(key), value, where)
     inputs = dict(raw.get("inputs") or {})
     for key, source in inputs.items():
         if source not in known:
@@ -120,7 +131,7 @@ def _parse_stage(path: Path, i: int, raw: Any, earlier: list[Stage]) -> Stage:
     checkpoint = raw.get("checkpoint", "best")
     if checkpoint not in ("best", "last"):
         raise UserError(f"{where}: checkpoint={checkpoint!r} must be 'best' or 'last'")
-    return Stage(name, recipe, inputs, list(raw.get("export") or []), checkpoint)
+    return Stage(name, recipe, inputs, list(exports), checkpoint)
 
 
 def set_dotted(config: dict[str, Any], key: str, value: Any, where: str) -> None:
@@ -196,6 +207,8 @@ class Runner:
                 why = "its recipe or an input checkpoint changed"
                 raise UserError(f"stage '{stage.name}' ({sdir}) was run before but {why}; "
                                 "rerun it with --rerun-changed (its old outputs are deleted) or use a new run_dir")
+            if sdir.resolve().parent != self.run_dir.resolve():  # never delete outside run_dir
+                raise UserError(f"stage '{stage.name}': {sdir} is not a folder of run_dir {self.run_dir}; not deleting it")
             shutil.rmtree(sdir)
         sdir.mkdir(parents=True, exist_ok=True)
         (sdir / "recipe.yaml").write_text(text)

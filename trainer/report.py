@@ -77,7 +77,7 @@ def _scores(fn, batches, run) -> tuple[float, float, dict[str, float], list[torc
         onehot = lambda t: torch.nn.functional.one_hot(t, run.num_classes).movedim(-1, 1)  # noqa: E731
         hd.append(compute_hausdorff_distance(onehot(pred), onehot(batch["label"]), percentile=95).numpy())
         preds.append(pred)
-    per_class = dice.compute()
+    per_class = dice.compute().reshape(-1)  # 0-d for one foreground class (binary)
     hd_all = np.concatenate(hd, 0)
     hd95 = float(np.nanmean(np.where(np.isfinite(hd_all), hd_all, np.nan))) if np.isfinite(hd_all).any() else float("nan")
     names = run.class_names[1:]

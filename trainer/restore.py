@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import yaml
 from lightning.pytorch.cli import instantiate_module
 
 import datamodules  # noqa: F401  (makes the built-in datamodule classes importable by class_path)
 from trainer.checkpointing import load_checkpoint
 from trainer.errors import UserError
+from trainer.inputs import load_yaml_text
 from trainer.module import SegmentationModule
 from trainer.structure import CHECKPOINT_KEY
+from trainer.trust import check_tree
 
 
 @dataclass
@@ -71,17 +72,44 @@ def restore_run(ckpt_path: str | Path, with_data: bool = True) -> RestoredRun:
     datamodule = build_datamodule(path, ckpt) if with_data else None
     if datamodule is not None and module.class_names is None:
         module.class_names = list(getattr(datamodule, "class_names", []) or []) or None
-    recipe = yaml.safe_load(ckpt.get(CHECKPOINT_KEY, {}).get("recipe") or "{}") or {}
+    recipe = _stored_recipe(path, ckpt)
     return RestoredRun(module.eval(), datamodule, recipe, path, ckpt)
 
 
-def _build_module(path: Path, ckpt: dict[str, Any]) -> SegmentationModule:
-    hparams = dict(ckpt.get("hyper_parameters") or {})
+def _stored_recipe(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    section = ckpt.get(CHECKPOINT_KEY) or {}
+    text = section.get("recipe") if isinstance(section, dict) else None
+    if not text:
+        return {}
+    if not isinstance(text, str):
+        raise UserError(f"{path}: its stored recipe ({CHECKPOINT_KEY}.recipe) is not text")
+    recipe = load_yaml_text(text, f"{path}: stored recipe")  # size- and alias-checked
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def _hparams(path: Path, ckpt: dict[str, Any], key: str) -> dict[str, Any]:
+    value = ckpt.get(key) or {}
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: '{key}' is a {type(value).__name__}, not a mapping; not a checkpoint of `launch.py fit`")
+    hparams = dict(value)
     hparams.pop("_instantiator", None)
+    # Nothing a checkpoint names is imported unless its module is trusted (trainer/trust.py).
+    check_tree(hparams, f"{path}: {key}")
+    return hparams
+
+
+def _build_module(path: Path, ckpt: dict[str, Any]) -> SegmentationModule:
+    hparams = _hparams(path, ckpt, "hyper_parameters")
     hparams["init_from"] = None  # the checkpoint's own weights replace it; the file may be gone
+    # A restored run evaluates, exports or teaches; it never steps an optimizer, so the
+    # optimizer and scheduler factories the checkpoint names are not rebuilt at all.
+    hparams.pop("optimizer", None)
+    hparams.pop("lr_scheduler", None)
     if not isinstance(hparams.get("net"), dict):
         raise UserError(f"{path}: checkpoint has no recipe for its network (hyper_parameters.net); "
                         "it was not written by `launch.py fit`")
+    if hparams.get("loss") is not None and not isinstance(hparams["loss"], dict):
+        raise UserError(f"{path}: hyper_parameters.loss is {hparams['loss']!r}, not a class_path mapping")
     try:
         module = instantiate_module(SegmentationModule, hparams)
     except Exception as exc:  # jsonargparse reports bad class paths/arguments
@@ -101,8 +129,7 @@ def build_datamodule(path: Path, ckpt: dict[str, Any], overrides: dict[str, Any]
                      ) -> pl.LightningDataModule | None:
     """The checkpoint's datamodule, set up for validation; ``overrides`` replace recipe arguments
     (``launch.py verify --data``: another file, every case). None when the recipe has none."""
-    hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    hparams.pop("_instantiator", None)
+    hparams = _hparams(path, ckpt, "datamodule_hyper_parameters")
     if "_class_path" not in hparams:
         return None
     hparams.update(overrides or {})

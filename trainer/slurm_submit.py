@@ -129,10 +129,8 @@ def plan_job(args: argparse.Namespace, sbatch_extra: list[str], fit_overrides: l
     cpus = args.cpus_per_task if args.cpus_per_task is not None else (8 if args.gpus_per_node else 1)
     if cpus < 1:
         raise UserError(f"submit: --cpus-per-task {cpus} must be >= 1")
-    name = args.job_name or Path(args.config[0]).stem
-    if not name.strip():
-        raise UserError("submit: --job-name must not be empty")
-    log_dir = Path(args.log_dir or Path(trainer_cfg.get("default_root_dir") or "runs") / "slurm")
+    name = _job_name(args.job_name, args.config[0])
+    log_dir = _log_dir(args.log_dir, Path(trainer_cfg.get("default_root_dir") or "runs") / "slurm")
     fit_args: list[str] = []
     for cfg in args.config:
         fit_args += ["--config", cfg]
@@ -155,9 +153,9 @@ def plan_pipeline_job(args: argparse.Namespace, sbatch_extra: list[str]) -> dict
         raise UserError(f"submit: --pipeline runs on one node; got --nodes {args.nodes}")
     _check_resources(args)
     run_dir, _ = load_pipeline(args.pipeline)  # fails here, before sbatch, on a bad pipeline file
-    log_dir = Path(args.log_dir or run_dir / "slurm")
+    log_dir = _log_dir(args.log_dir, run_dir / "slurm")
     return {
-        "template": "pipeline", "job_name": args.job_name or Path(args.pipeline).stem,
+        "template": "pipeline", "job_name": _job_name(args.job_name, args.pipeline),
         "cpus_per_task": args.cpus_per_task or (8 if args.gpus_per_node else 2),
         "gpus_per_node": args.gpus_per_node, "time": args.time, "signal_lead": args.signal_lead,
         "log_dir": log_dir, "output_path": str(log_dir / "%x-%j.out"), "workdir": str(Path.cwd()),
@@ -166,9 +164,40 @@ def plan_pipeline_job(args: argparse.Namespace, sbatch_extra: list[str]) -> dict
     }
 
 
+# ============================================================================ values in #SBATCH lines
+# A #SBATCH line ends at the first line break: the rest of a value would run as a shell line.
+# Values that reach a directive are refused if they hold a control character; values in the
+# script's shell lines are shell-quoted (render), where a line break is harmless.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def directive_value(value: str, option: str) -> str:
+    """``value`` unchanged, or a one-line error if it cannot sit safely on a ``#SBATCH`` line."""
+    if _CONTROL.search(value):
+        raise UserError(f"submit: {option} {value!r} contains a line break or control character; nothing submitted")
+    return value
+
+
+def _job_name(given: str | None, source: str) -> str:
+    if given is not None:
+        if not given.strip():
+            raise UserError("submit: --job-name must not be empty")
+        return directive_value(given, "--job-name")
+    # the default comes from a file name: control characters become '_' rather than an error
+    return _CONTROL.sub("_", Path(source).stem) or "job"
+
+
+def _log_dir(given: str | None, default: Path) -> Path:
+    option = "--log-dir" if given is not None else "--log-dir (default: from the run directory)"
+    text = directive_value(str(given if given is not None else default), option)
+    if "%" in text:  # Slurm expands %j, %x... in --output: the job's log would land elsewhere
+        raise UserError(f"submit: --log-dir {text!r} contains '%', which Slurm expands in file names; choose another folder")
+    return Path(text)
+
+
 def parse_time(value: str) -> int:
     """Seconds in a SLURM time limit ``[D-]HH:MM:SS`` (also ``MM:SS``, ``HH:MM``)."""
-    m = _TIME.match(value or "")
+    m = _TIME.fullmatch(value or "")  # fullmatch: "$" alone would accept a trailing newline
     if not m:
         raise UserError(f"submit: --time {value!r} is not a SLURM time limit like 04:00:00 or 1-12:00:00")
     days, first, second, third = m.groups()
@@ -207,8 +236,8 @@ def _group_options(tokens: list[str]) -> list[list[str]]:
         else:
             groups[-1].append(tok)
     for group in groups:
-        if "\n" in "".join(group) or "\r" in "".join(group):
-            raise UserError(f"submit: sbatch option {group[0]!r} contains a line break")
+        for token in group:
+            directive_value(token, f"sbatch option {group[0]!r}:")
     return groups
 
 

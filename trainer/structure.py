@@ -15,12 +15,13 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.trust import DEFAULT_CONVERTER_MODULES, check_class_path
 
 HISTORY_ATTR = "compressseg_structure"
 CHECKPOINT_KEY = "compressseg"  # the framework's own section of a checkpoint
-# Only classes of this framework may be named by a checkpoint's history: loading a
-# checkpoint must not import arbitrary code.
-TRUSTED_PREFIXES = ("trainer.",)
+# Only this framework's converters (plus modules the user trusts through
+# $COMPRESSSEG_TRUSTED_MODULES, see trainer/trust.py) may be named by a checkpoint's history:
+# loading a checkpoint must not import arbitrary code.
 
 
 @runtime_checkable
@@ -44,8 +45,7 @@ def record(net: nn.Module, converter: type, state: dict[str, Any]) -> None:
 
 
 def _converter(path: str) -> type:
-    if not path.startswith(TRUSTED_PREFIXES):
-        raise UserError(f"checkpoint structure names untrusted converter {path!r}; only {TRUSTED_PREFIXES} are loaded")
+    check_class_path(path, "checkpoint structure (untrusted converter)", DEFAULT_CONVERTER_MODULES)
     module, _, name = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
@@ -56,6 +56,9 @@ def _converter(path: str) -> type:
 def replay(net: nn.Module, target: list[dict[str, Any]], source: str = "checkpoint") -> None:
     """Bring ``net``'s history up to ``target`` by replaying the missing changes."""
     done = history(net)
+    if not isinstance(target, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("converter"), str) and isinstance(e.get("state"), dict) for e in target):
+        raise UserError(f"{source}: its structural history is malformed (expected a list of {{converter, state}} entries)")
     if target[: len(done)] != done:
         raise UserError(
             f"{source}: its structural history ({[e['converter'] for e in target]}) does not extend the "

@@ -286,9 +286,7 @@ def test_recipe_smoke(tmp_path):
     recipe["model"]["init_from"] = str(teacher)
     trainer = recipe["trainer"]
     trainer.update(max_epochs=4, limit_val_batches=1, num_sanity_val_steps=0, enable_progress_bar=False,
-                   default_root_dir=str(tmp_path))
-    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    trainer["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "checkpoints")
+                   default_root_dir=str(tmp_path))  # moves every output: checkpoints/, logs/
     prune = trainer["callbacks"][1]["init_args"]
     prune.update(epochs_per_round=1)
     trainer["callbacks"][2]["init_args"]["teacher"] = str(teacher)

@@ -1,23 +1,9 @@
 """Tiny phantom files in every format, made once per session (seconds)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from dmhelpers import FORMATS, phantom_cases, write_format
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    """Node caches go to a per-session temp dir, never to the user's /tmp cache."""
-    old = os.environ.get("COMPRESSSEG_CACHE_DIR")
-    os.environ["COMPRESSSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("COMPRESSSEG_CACHE_DIR", None)
-    else:
-        os.environ["COMPRESSSEG_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ ROOT = HERE.parents[1]
 
 @pytest.mark.slow  # ~30 s on 2 cores, mostly two processes importing torch + lightning
 def test_torchrun_two_ranks_two_workers_each_sample_once(data_files, tmp_path):
-    specs = [f"{data_files['h5', 2]}:2", f"{data_files['tfrecord.gz', 3]}:3", f"{tmp_path / 'fresh.h5'}:2"]
+    specs = [f"{data_files['h5', 2]}:2", f"{data_files['tfrecord.gz', 3]}:3", f"{tmp_path / 'phantom_fresh.h5'}:2"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]), OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -31,5 +31,5 @@ def test_torchrun_two_ranks_two_workers_each_sample_once(data_files, tmp_path):
         assert sorted(per_rank[0]["train"] + per_rank[1]["train"]) == list(range(n_train)), spec
         assert per_rank[0]["train_steps"] == per_rank[1]["train_steps"] == 3
         assert sorted(per_rank[0]["val"] + per_rank[1]["val"]) == list(range(n_val)), spec
-    assert (tmp_path / "fresh.h5").is_file()  # generated once by local rank 0, read by both
+    assert (tmp_path / "phantom_fresh.h5").is_file()  # generated once by local rank 0, read by both
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -43,7 +43,7 @@ def _dm(path, **kw):
 
 
 def test_missing_file_names_the_path_and_generate_creates_it_atomically(tmp_path):
-    missing = str(tmp_path / "nope.h5")
+    missing = str(tmp_path / "phantom_nope.h5")
     with pytest.raises(UserError, match=rf"data file {missing} does not exist.*generate"):
         HDF5SegDataModule(missing, 2, [16, 16])
     dm = HDF5SegDataModule(missing, 2, [16, 16], generate={"cases": 3, "shape": [4, 32, 32], "num_classes": 4})
@@ -51,7 +51,7 @@ def test_missing_file_names_the_path_and_generate_creates_it_atomically(tmp_path
     assert dm.class_names == NAMES[:4] and dm.describe()["in_channels"] == 1
     dm.prepare_data()
     dm.setup()
-    assert os.listdir(tmp_path) == ["nope.h5"]  # no temporary left behind
+    assert os.listdir(tmp_path) == ["phantom_nope.h5"]  # no temporary left behind
     assert len(dm.store.cases) == 3 and dm.describe()["num_classes"] == 4
 
 

@@ -179,7 +179,7 @@ def test_labels_out_of_range_and_empty_file(tmp_path):
 
 
 def test_generate_writes_tfrecord_and_shards_from_a_directory(tmp_path):
-    path = str(tmp_path / "shards" / "gen.tfrecord.gz")
+    path = str(tmp_path / "shards" / "phantom.tfrecord.gz")
     dm = make_dm(path, 2, generate={"cases": 3, "shape": [4, 32, 32]}, val_fraction=0.0)
     assert os.path.exists(path) and os.path.exists(index_path_for(path)) and len(dm.store.cases) == 3
     write_tfrecord(str(tmp_path / "shards" / "more.tfrecord"), phantom_cases(2), num_classes=5,

@@ -34,9 +34,11 @@ def framework_checkpoint(path: Path, seed: int = 0, **net_kwargs) -> Path:
     """A checkpoint shaped like the ones ``launch.py fit`` writes (recipe dicts as hparams),
     with a randomly initialised UNet: enough for ``restore_run``."""
     torch.manual_seed(seed)
-    module = SegmentationModule(UNet(**net_kwargs), num_classes=net_kwargs["num_classes"])
+    net = UNet(**net_kwargs)
+    net_kwargs = {**net_kwargs, "num_classes": net.num_classes}  # as `fit` records it (model.num_classes fills it)
+    module = SegmentationModule(net, num_classes=net.num_classes)
     hparams = {"net": {"class_path": "trainer.models.UNet", "init_args": dict(net_kwargs)},
-               "num_classes": net_kwargs["num_classes"]}
+               "num_classes": net.num_classes}
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, path)
     return path
 

@@ -18,16 +18,12 @@ def _tiny_variant(tmp_path, dims: int, teacher) -> dict:
     t = recipe["trainer"]
     t.update(max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
              default_root_dir=str(tmp_path / "run"), enable_progress_bar=False, accelerator="cpu")
-    t["logger"]["init_args"]["save_dir"] = str(tmp_path / "run")
-    for cb in t["callbacks"]:
-        if "dirpath" in cb["init_args"]:
-            cb["init_args"]["dirpath"] = str(tmp_path / "ckpt")
     distill = t["callbacks"][-1]
     assert distill["class_path"] == "trainer.callbacks.distill.Distillation"  # must stay last
     distill["init_args"]["teacher"] = str(teacher)
     recipe["model"]["net"]["init_args"]["base_channels"] = 2
     data = recipe["data"]["init_args"]
-    data.update(path=str(tmp_path / "data.h5"), batch_size=2, num_workers=0, samples_per_epoch=4)
+    data.update(path=str(tmp_path / "phantom.h5"), batch_size=2, num_workers=0, samples_per_epoch=4)
     if dims == 2:
         data.update(patch_size=[32, 32], generate={"cases": 5, "shape": [4, 32, 32], "seed": 0})
     else:
@@ -47,7 +43,7 @@ def test_distillation_recipe_runs_and_its_student_restores(tmp_path, one_thread_
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "fit", "--config", str(config)], cwd=tmp_path,
                           env=one_thread_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt_path = tmp_path / "ckpt" / "last.ckpt"
+    ckpt_path = tmp_path / "run" / "checkpoints" / "last.ckpt"  # default_root_dir moved every output
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     assert ckpt["callbacks"]["Distillation"]["teachers"][0]["path"] == str(teacher)
     features = recipe["trainer"]["callbacks"][-1]["init_args"]["features"]

@@ -132,7 +132,7 @@ def test_verify_on_a_new_data_file_against_pytorch(tmp_path, subprocess_env):
                           "init_args": {"spatial_dims": 2, "num_classes": 3, "depth": 2, "base_channels": 4}},
                   "num_classes": 3, "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}}},
         "data": {"class_path": "datamodules.hdf5.HDF5SegDataModule",
-                 "init_args": {"path": str(tmp_path / "train.h5"), "spatial_dims": 2, "patch_size": [32, 32],
+                 "init_args": {"path": str(tmp_path / "phantom_train.h5"), "spatial_dims": 2, "patch_size": [32, 32],
                                "batch_size": 4, "num_workers": 0, "samples_per_epoch": 8, "val_fraction": 0.34,
                                "generate": {"cases": 3, "shape": [3, 32, 32], "seed": 0, "num_classes": 3}}},
     }

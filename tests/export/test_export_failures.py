@@ -198,3 +198,32 @@ def test_class_count_mismatch_is_named(tmp_path, net2d, data2d):
     with pytest.raises(UserError, match=r"UNet outputs 3 channels for input \(1, 1, 32, 32\) but num_classes=4"):
         export_artifact(net2d, "onnx", tmp_path / "out", data2d["val"], meta)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- outputs that cannot be written (issue 17)
+def test_read_only_out_is_one_line_and_writes_nothing(readonly_dir, net2d, data2d, meta2d):
+    from hostile import one_line_error, run_cli, tree
+
+    with pytest.raises(UserError, match="folder .*readonly is not writable"):
+        export_artifact(net2d, "onnx", readonly_dir / "onnx", data2d["val"], meta2d)
+    # the command refuses before it loads the checkpoint (even a missing one)
+    code, _, err = run_cli(["export", "--ckpt", "never-read.ckpt", "--format", "onnx", "--out",
+                            str(readonly_dir / "new" / "onnx")])
+    one_line_error(code, err, "not writable")
+    assert tree(readonly_dir) == []
+
+
+def test_failed_export_removes_the_folders_it_made(tmp_path, perturbed_format, net2d, data2d, meta2d):
+    out = tmp_path / "made" / "for" / "export"
+    with pytest.raises(VerificationError):
+        export_artifact(net2d, "test-perturbed-onnx", out, data2d["val"], meta2d, format_options={"head_scale": 3.0})
+    assert not (tmp_path / "made").exists()
+
+
+def test_out_under_a_file_and_out_that_is_a_file(tmp_path, net2d, data2d, meta2d):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="afile is a file, not a folder"):
+        export_artifact(net2d, "onnx", tmp_path / "afile" / "onnx", data2d["val"], meta2d)
+    with pytest.raises(UserError, match="exists and is not a directory"):
+        export_artifact(net2d, "onnx", tmp_path / "afile", data2d["val"], meta2d)
+    assert (tmp_path / "afile").read_text() == "x"

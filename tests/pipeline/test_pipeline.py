@@ -125,3 +125,61 @@ def test_submit_pipeline_dry_run_quotes_and_validates(tmp_path, subprocess_env):
     bad = launch(["submit", "--pipeline", str(tmp_path / "nope.yaml"), "--gpus-per-node", "0",
                   "--time", "01:00:00", "--dry-run"], subprocess_env, check=False)
     assert bad.returncode == 2 and "nope.yaml" in bad.stderr
+
+
+# ---------------------------------------------------------------- hostile pipeline files (issue 17)
+def _with(tmp_path: Path, edit) -> Path:
+    path = write_pipeline(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    edit(spec)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".", "/tmp/abs", "x\ny", "", "-rf"])
+def test_stage_names_that_leave_run_dir_are_refused(tmp_path, name):
+    path = _with(tmp_path, lambda s: s["stages"][0].update(name=name))
+    with pytest.raises(UserError, match="(must be a plain folder name|must be a mapping with a 'name')") as info:
+        load_pipeline(path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda s: s.update(run_dir="/"), "run_dir='/' must name a folder"),
+    (lambda s: s["stages"][1].update(set=["trainer.max_epochs", 3]), "'set' must be a mapping"),
+    (lambda s: s["stages"][1].update(inputs="teacher"), "'inputs' must be a mapping"),
+    (lambda s: s["stages"][1].update(export="onnx"), "'export' must be a list"),
+    (lambda s: s["stages"][1].update(export=[{"format": "onnx"}]), "'export' must be a list"),
+])
+def test_malformed_stage_fields_are_one_line(tmp_path, edit, words):
+    with pytest.raises(UserError, match=words):
+        load_pipeline(_with(tmp_path, edit))
+
+
+def test_pipeline_file_alias_bomb_fifo_and_non_mapping_recipe(tmp_path):
+    from hostile import make_fifo
+    from test_inputs import alias_bomb
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    with pytest.raises(UserError, match="through its aliases"):
+        load_pipeline(bomb)
+    with pytest.raises(UserError, match="is a FIFO"):
+        load_pipeline(make_fifo(tmp_path / "fifo.yaml"))
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="is not a mapping of recipe keys"):
+        load_pipeline(_with(tmp_path, lambda s: s["stages"][0].update(recipe=str(listed))))
+
+
+def test_rerun_changed_never_deletes_outside_run_dir(tmp_path, monkeypatch):
+    from trainer.pipeline import Runner, Stage
+
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "stage.json").write_text(json.dumps({"recipe_sha256": "old"}))
+    runner = Runner(tmp_path / "run", [Stage("x", {})], rerun_changed=True)
+    monkeypatch.setattr(Runner, "stage_dir", lambda self, stage: outside)  # as a name like '../precious' would
+    with pytest.raises(UserError, match="not a folder of run_dir"):
+        runner.run()
+    assert (outside / "stage.json").exists()

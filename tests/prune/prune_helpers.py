@@ -107,9 +107,10 @@ def make_module(net: nn.Module, lr: float = 1e-2, scheduler: bool = False, init_
 
 def framework_checkpoint(path: Path, net: UNet, net_kwargs: dict) -> Path:
     """A checkpoint shaped like ``launch.py fit`` writes (recipe dicts as hparams), holding ``net``."""
-    module = SegmentationModule(net, num_classes=net_kwargs["num_classes"])
+    net_kwargs = {**net_kwargs, "num_classes": net.num_classes}  # as `fit` records it (model.num_classes fills it)
+    module = SegmentationModule(net, num_classes=net.num_classes)
     hparams = {"net": {"class_path": "trainer.models.UNet", "init_args": dict(net_kwargs)},
-               "num_classes": net_kwargs["num_classes"]}
+               "num_classes": net.num_classes}
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, path)
     return path
 

@@ -142,3 +142,49 @@ def test_parse_time_forms():
     assert slurm_submit.parse_time("1-02:03:04") == 93784
     assert slurm_submit.parse_time("04:00:00") == 14400
     assert slurm_submit.parse_time("30:00") == 1800
+
+
+# ---------------------------------------------------------------- line breaks in #SBATCH lines (issue 17)
+def _directives(script: str) -> list[str]:
+    return [line for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("--job-name", "x\ntouch pwned", "--job-name"),
+    ("--job-name", "x\rtouch pwned", "--job-name"),
+    ("--log-dir", "logs\ntouch pwned", "--log-dir"),
+    ("--log-dir", "logs/%j", "contains '%'"),
+    ("--time", "01:00:00\n", "--time"),
+    ("--time", "01:00:00\ntouch pwned", "--time"),
+    ("--partition", "gpu\x00x", "sbatch option '--partition'"),
+    ("--comment", "a\x1bb", "sbatch option '--comment'"),
+])
+def test_line_breaks_and_control_characters_never_reach_a_directive(option, value, needle, tmp_path, fake_bin, capsys):
+    code, _, err = submit(["--config", str(recipe(tmp_path)), "--nodes", "1", "--gpus-per-node", "0",
+                           "--time", "01:00:00", option, value, "--dry-run"], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+    assert calls(fake_bin, "sbatch") == []
+
+
+def test_recipe_file_name_with_a_line_break_gives_a_safe_default_job_name(tmp_path, fake_bin, capsys):
+    cfg = recipe(tmp_path, name="r\ntouch pwned.yaml")
+    code, script, err = submit(["--config", str(cfg), "--nodes", "1", "--gpus-per-node", "0", "--time", "00:10:00",
+                                "--dry-run"], capsys)
+    assert code == 0, err
+    assert "#SBATCH --job-name=r_touch pwned" in script.replace("'", "")
+    template = (slurm_submit.ROOT / "slurm" / "single_node.sbatch").read_text()
+    assert len(_directives(script)) == len([x for x in template.splitlines() if x.startswith("#SBATCH")])
+    # the path itself reaches srun shell-quoted (a line break inside quotes is part of the argument)
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=dict(os.environ, SLURM_JOB_ID="1",
+                          SLURM_JOB_NODELIST="n1"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "pwned").exists() and not (kit_root() / "pwned").exists()
+    assert str(cfg) in calls(fake_bin, "srun")[0]
+
+
+def test_run_directory_with_a_line_break_is_refused_as_the_default_log_dir(tmp_path, fake_bin, capsys):
+    cfg = recipe(tmp_path)
+    code, _, err = submit(["--config", str(cfg), "--nodes", "1", "--gpus-per-node", "0", "--time", "00:10:00",
+                           "--dry-run", "--", "--trainer.default_root_dir", "runs/x\ntouch pwned"], capsys)
+    assert code == 2 and "--log-dir (default: from the run directory)" in err.splitlines()[-1], err

@@ -24,6 +24,7 @@ from torch import nn
 
 from trainer.export.card import sha256_file  # noqa: F401  (re-exported for trainer.distill.cache)
 from trainer.errors import UserError
+from trainer.inputs import file_problem
 
 EnsembleMode = Literal["probs", "logits"]
 ENSEMBLE_MODES = ("probs", "logits")
@@ -53,8 +54,8 @@ def load_teacher(path: str | Path, class_path: str | None = None,
         init_args: keyword arguments of that class.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"teacher checkpoint {path} does not exist (Distillation.teacher)")
+    if problem := file_problem(path):
+        raise UserError(f"teacher checkpoint {path} {problem} (Distillation.teacher)")
     if class_path is None:
         net = _from_framework_checkpoint(path)
     else:

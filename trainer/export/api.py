@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.errors import UserError
+from trainer.inputs import make_dirs, remove_dirs
 from trainer.export import card as cards
 from trainer.export.bundle import DEFAULT_MAX_MB, write_bundle
 from trainer.export.machine import machine_info
@@ -153,20 +154,31 @@ def _observed_shapes(batches: list[dict[str, torch.Tensor]], meta: ExportMeta, p
     return sorted(set(seen))
 
 
-def _stage_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+def _stage_dir(out: Path) -> tuple[Path, list[str]]:
+    """A staging folder next to ``out`` and the parent folders made for it (removed on failure)."""
+    created = make_dirs(out.parent, f"--out {out}")
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent)), created
+    except OSError as e:
+        remove_dirs(created)
+        raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
 
 
 def _publish(staging: Path, out: Path) -> None:
     """Move the verified staging folder to ``out``, replacing an old one only now."""
     old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / "previous")
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / "previous")
+        staging.rename(out)
+    except OSError as e:
+        if old is not None and (old / "previous").exists() and not out.exists():
+            (old / "previous").rename(out)  # put the old artifact back
+        raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def export_artifact(
@@ -238,7 +250,7 @@ def export_artifact(
             f"but num_classes={meta.num_classes}"
         )
 
-    staging = _stage_dir(out)
+    staging, created = _stage_dir(out)
     try:
         work = staging / "_work"
         work.mkdir()
@@ -268,6 +280,7 @@ def export_artifact(
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        remove_dirs(created)
         raise
     dice = card["metrics"]["dice"]
     log.info(

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.inputs import check_writable, file_problem
 from trainer.export.api import ExportMeta, check_out_dir, export_artifact
 from trainer.export.card import CARD_NAME
 from trainer.export.registry import format_class, known_formats
@@ -74,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         args, options, overrides = parse_args(argv)
         fmt = format_class(args.format)(**options)
         check_out_dir(args.out, args.overwrite)
+        check_writable(args.out)  # before the (slow) restore: a read-only --out fails at once
         fmt.check_available()
         ckpt = Path(args.ckpt)
-        if not ckpt.exists():  # a file, or a DeepSpeed ZeRO directory (consolidated on load)
-            raise UserError(f"checkpoint {ckpt} does not exist")
+        if not ckpt.is_dir() and (problem := file_problem(ckpt)):  # a file, or a DeepSpeed ZeRO directory
+            raise UserError(f"checkpoint {ckpt} {problem}")
         from trainer.restore import restore_run
 
         run = restore_run(str(ckpt))
