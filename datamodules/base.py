@@ -39,6 +39,7 @@ from datamodules.sampling import CaseLabels, EpochSampler, round_train_samples, 
 from datamodules.schema import DatasetHeader
 from datamodules.store import CaseStore
 from trainer.errors import UserError
+from trainer.requeue_signals import shield_loader_kwargs
 
 CACHE_MODES = ("auto", "always", "never")
 
@@ -344,6 +345,9 @@ class SegDataModule(L.LightningDataModule):
         kwargs = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
         if self.num_workers > 0:
             kwargs["persistent_workers"] = self.persistent_workers
+        # Slurm signals every process of a job step, workers included: they leave USR1/TERM to
+        # the main process, which checkpoints at its next safe point (trainer/requeue_signals.py)
+        kwargs.update(shield_loader_kwargs(self.num_workers))
         return kwargs
 
     def _split(self, header: DatasetHeader) -> dict[str, list[int]]:
