@@ -160,12 +160,12 @@ class RequeueOnSignal(pl.Callback):
         why_not = trainer.strategy.broadcast(self._idle_check(trainer) if trainer.is_global_zero else None, src=0)
         if why_not:
             raise UserError(why_not)
-        if self.requeue and trainer.is_global_zero:
-            requeue_job()
         if trainer.is_global_zero:
             from trainer.recipe_cli import write_fit_status
 
-            write_fit_status(trainer)
+            write_fit_status(trainer)  # before the requeue: from then on Slurm kills the job after KillWait
+            if self.requeue:
+                requeue_job()
         trainer.strategy.barrier("compressseg_requeue")
         raise RequeueStop(f"stopped at step {trainer.global_step} on {sig}")
 
