@@ -18,7 +18,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.callbacks.requeue import requeue_verdict
-from trainer.pipeline import has_checkpoint
 from trainer.requeue_signals import loader_is_shielded, shield_loader_kwargs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
@@ -97,16 +96,6 @@ def test_requeue_verdict_follows_slurms_job_state(state, restart, go, why):
     """States as Slurm 22.05 reported them at the TERM of each case (slurm/README_scale.md)."""
     got, reason = requeue_verdict(state, restart)
     assert got is go and why in reason
-
-
-def test_a_stage_resumes_from_any_checkpoint(tmp_path):
-    assert not has_checkpoint(tmp_path)
-    (tmp_path / "export" / "onnx").mkdir(parents=True)
-    (tmp_path / "export" / "onnx" / "x.ckpt").touch()
-    assert not has_checkpoint(tmp_path)
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "requeue.ckpt").touch()
-    assert has_checkpoint(tmp_path)
 
 
 # ============================================================================ fit under a fake Slurm
