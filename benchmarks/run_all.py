@@ -25,8 +25,10 @@ BENCHMARKS = {
     "distillation (issue 5)": ["benchmarks/bench_distill.py", "--workers", str(min(2, os.cpu_count() or 1))],
     "prune-retrain (issue 6)": ["benchmarks/bench_prune.py"],
     "quantization (issue 7)": ["benchmarks/bench_qat.py"],
+    "faults (issue 16)": ["benchmarks/bench_faults.py", "--faults", "5"],
 }
-QUICK = {"benchmarks/bench_distill.py": ["--quick"], "benchmarks/bench_qat.py": ["--quick"]}
+QUICK = {"benchmarks/bench_distill.py": ["--quick"], "benchmarks/bench_qat.py": ["--quick"],
+         "benchmarks/bench_faults.py": ["--faults", "1"]}
 
 
 def machine() -> str:

@@ -18,6 +18,9 @@ What the design requires from the Trainer:
   for any ``num_workers``.
 * Validation ranks may get one batch fewer than others (no duplicated samples): reduce
   metrics at epoch end (torchmetrics), not with per-step ``sync_dist``.
+* Loader workers are shielded from the cluster's USR1/TERM (Slurm signals every process of a
+  job step): they keep serving batches and the main process checkpoints at its next safe point
+  (``trainer/requeue_signals.py``).
 """
 from __future__ import annotations
 

@@ -17,10 +17,11 @@ checkpoint into a recipe key::
 Dotted keys walk the recipe; inside a list (``trainer.callbacks``) a segment picks the entry
 whose ``class_path`` ends with it, and ``init_args`` is implied. Each stage runs in
 ``<run_dir>/<stage>/`` (checkpoints, logs, the resolved ``recipe.yaml``); the runner skips
-stages already complete with an unchanged recipe, resumes an interrupted one from its last
-checkpoint, refuses a changed recipe for a complete stage unless ``--rerun-changed``, exports
-each stage's checkpoint (verified) and ends with the compression report. It is safe to run
-again after a kill or a SLURM requeue: that is how it resumes.
+stages already complete with an unchanged recipe, resumes an interrupted one from the
+checkpoint holding its latest training state (any of its checkpoints, ``requeue.ckpt`` too),
+refuses a changed recipe for a complete stage unless ``--rerun-changed``, exports each stage's
+checkpoint (verified) and ends with the compression report. It is safe to run again after a
+kill or a SLURM requeue: that is how it resumes.
 """
 from __future__ import annotations
 

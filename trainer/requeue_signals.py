@@ -167,7 +167,8 @@ class _ShieldedSpawn(mp_context.SpawnContext):
 
 def shielded_context(method: str | None = None) -> multiprocessing.context.BaseContext:
     """A multiprocessing context for DataLoader workers (``method``: default start method)."""
-    method = method or multiprocessing.get_start_method()
+    # (get_start_method() without allow_none would fix the process-wide default as a side effect)
+    method = method or multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
     if method == "fork":
         return _ShieldedFork()
     if method == "spawn":
