@@ -12,7 +12,7 @@ Per fault kind and variant, ``--faults`` runs each (kinds interleaved), every fa
 training batch (mid-accumulation included):
 
 * ``SIGKILL`` to the run's process group (main process and loader workers): restart with
-  ``--ckpt_path last``;
+  ``--ckpt_path last-or-fresh`` (from scratch when killed before the first checkpoint);
 * ``SIGTERM`` / ``USR1`` to the whole process group, as Slurm signals every process of a job
   step: the run is a Slurm job to ``launch.py`` (``SLURM_JOB_ID`` set, a stand-in ``scontrol``
   that records requeue requests on ``PATH``); it must checkpoint at its next safe point and ask
@@ -226,8 +226,8 @@ def run_fault(kind: str, variant_name: str, at_batch: int, work: Path, data: Pat
     sent, steps_at_signal = inject(proc, run, at_batch, sig)
     code = finish(proc)
     if kind == "SIGKILL":
-        on_disk = newest_on_disk(run)
-        restart_env, restart_args = base_env(), ["--ckpt_path", "last"]
+        on_disk = newest_on_disk(run)  # 0 when killed before the first checkpoint: restart from scratch
+        restart_env, restart_args = base_env(), ["--ckpt_path", "last-or-fresh"]
     else:
         requeue_ckpt = run / "checkpoints" / "requeue.ckpt"
         if code != 0 or not requeue_ckpt.exists():
@@ -244,13 +244,14 @@ def run_fault(kind: str, variant_name: str, at_batch: int, work: Path, data: Pat
     code = finish(start(recipe, restart_env, restart_args, log))
     text = log.read_text()[mark:]
     resumed = re.search(r"resuming from (\S+): global step (\d+)", text)
-    if code != 0 or not resumed:
+    fresh = on_disk == 0 and "starting fresh" in text
+    if code != 0 or not (resumed or fresh):
         out.note = f"restart exited {code}" + ("" if resumed else ", no 'resuming from' line")
         return out
-    resumed_step = int(resumed.group(2))
+    resumed_step = int(resumed.group(2)) if resumed else 0
     out.resumed = True
-    out.extra = {"signal_step": steps_at_signal, "resumed_from": Path(resumed.group(1)).name, "resumed_step": resumed_step,
-                 "newest_on_disk": on_disk}
+    out.extra = {"signal_step": steps_at_signal, "resumed_from": Path(resumed.group(1)).name if resumed else "(fresh)",
+                 "resumed_step": resumed_step, "newest_on_disk": on_disk}
     if kind == "SIGKILL":
         out.lost_beyond = on_disk - resumed_step
         out.redone = steps_at_signal - resumed_step

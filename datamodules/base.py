@@ -264,8 +264,23 @@ class SegDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         rank, world_size = self._rank_and_world_size()
-        epoch = self.trainer.current_epoch if self.trainer is not None else self._epoch
-        return self.make_dataloader("train", rank=rank, world_size=world_size, epoch=epoch)
+        return self.make_dataloader("train", rank=rank, world_size=world_size, epoch=self._train_epoch())
+
+    def _train_epoch(self) -> int:
+        """The epoch whose samples the train loader serves first.
+
+        ``trainer.current_epoch`` counts completed epochs. A checkpoint written at an epoch's
+        end (``on_train_epoch_end``: the epoch processed, not yet completed; what a
+        ModelCheckpoint without ``every_n_train_steps`` writes) resumes into the next epoch,
+        and Lightning builds that epoch's iterator from the restored loader state before it
+        sets the sampler's epoch: the sampler must already be at the next epoch (else the
+        resumed run trains that epoch on the previous epoch's samples).
+        """
+        if self.trainer is None:
+            return self._epoch
+        progress = getattr(getattr(self.trainer, "fit_loop", None), "epoch_progress", None)
+        processed = progress.current.processed if progress is not None else 0
+        return max(self.trainer.current_epoch, processed) if self.trainer.state.fn == "fit" else self.trainer.current_epoch
 
     def val_dataloader(self):
         return self._eval_loader("val")
