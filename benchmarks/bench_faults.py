@@ -20,7 +20,8 @@ training batch (mid-accumulation included):
   ``--ckpt_path last-or-fresh``).
 
 Per kind it prints: faults injected, runs that resumed (restart ran to the end from a checkpoint
-and reported it), final weights bitwise equal to the uninterrupted run of that variant (every
+and reported it), runs that finished instead (the signal came during the last step: the run
+ends rather than requeueing, as it should), final weights bitwise equal to the uninterrupted run of that variant (every
 tensor of the state dict), steps lost beyond the last safe point (SIGKILL: newest checkpoint on
 disk after the kill minus the step resumed from; TERM/USR1: steps trained before the signal
 minus the step of the requeue checkpoint), steps redone (SIGKILL: since the last checkpoint),
@@ -205,6 +206,7 @@ class Outcome:
     variant: str
     at_batch: int
     resumed: bool = False
+    finished: bool = False  # the signal's safe point was the last step: the run ended instead of requeueing
     equal: bool = False
     lost_beyond: int = 0
     redone: int = 0
@@ -230,6 +232,11 @@ def run_fault(kind: str, variant_name: str, at_batch: int, work: Path, data: Pat
         restart_env, restart_args = base_env(), ["--ckpt_path", "last-or-fresh"]
     else:
         requeue_ckpt = run / "checkpoints" / "requeue.ckpt"
+        if code == 0 and not requeue_ckpt.exists() and "after the last training step" in log.read_text():
+            out.finished = True
+            out.equal = equal_weights(final_state(run), reference)
+            out.extra = {"signal_step": steps_at_signal, "resumed_from": "(finished)", "resumed_step": steps_at_signal}
+            return out
         if code != 0 or not requeue_ckpt.exists():
             out.note = f"interrupted run exited {code}, requeue.ckpt {'present' if requeue_ckpt.exists() else 'missing'}"
             return out
@@ -267,9 +274,10 @@ LABELS = {"SIGKILL": "SIGKILL to the process group", "SIGTERM": "SIGTERM to the 
 
 
 def table(outcomes: list[Outcome], faults: int, seed: int, took: float, repeat_equal: dict[str, bool]) -> str:
-    lines = ["| fault | precision | injected | resumed | bitwise equal | steps lost beyond the last safe point | "
-             "steps redone since the last checkpoint | signal -> checkpoint on disk, max (s) | requeue requests |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| fault | precision | injected | resumed | finished instead (signal in the last step) | bitwise equal | "
+             "steps lost beyond the last safe point | steps redone since the last checkpoint | "
+             "signal -> checkpoint on disk, max (s) | requeue requests |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for kind in KINDS:
         for variant in VARIANTS:
             rows = [o for o in outcomes if o.kind == kind and o.variant == variant]
@@ -277,14 +285,17 @@ def table(outcomes: list[Outcome], faults: int, seed: int, took: float, repeat_e
                 continue
             times = [o.to_checkpoint_s for o in rows if o.to_checkpoint_s is not None]
             killed = kind == "SIGKILL"
-            cells = [LABELS[kind], variant, len(rows), sum(o.resumed for o in rows), sum(o.equal for o in rows),
+            cells = [LABELS[kind], variant, len(rows), sum(o.resumed for o in rows),
+                     "-" if killed else sum(o.finished for o in rows), sum(o.equal for o in rows),
                      sum(o.lost_beyond for o in rows), sum(o.redone for o in rows) if killed else "-",
                      f"{max(times):.2f}" if times else "-", "-" if killed else sum(o.requeues for o in rows)]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    met = all(o.resumed and o.equal for o in outcomes) and sum(o.lost_beyond for o in outcomes) == 0
+    met = all((o.resumed or o.finished) and o.equal for o in outcomes) and sum(o.lost_beyond for o in outcomes) == 0
     detail = "; ".join(
         f"{o.kind}/{'bf16' if 'bf16' in o.variant else 'fp32'} batch {o.at_batch}: "
-        + (f"{o.extra['signal_step']} steps done, resumed from {o.extra['resumed_from']} at step {o.extra['resumed_step']}"
+        + ("signalled during the last step, the run finished" if o.finished else
+           f"{o.extra['signal_step']} steps done, resumed from {o.extra['resumed_from']} at step {o.extra['resumed_step']}"
+           + (f" (checkpoint {o.to_checkpoint_s:.2f} s after the signal)" if o.to_checkpoint_s is not None else "")
            if o.extra else o.note) for o in outcomes)
     repeat = ", ".join(f"{k}: {'bitwise equal' if v else 'DIFFERENT'}" for k, v in repeat_equal.items())
     return "\n".join(lines) + (
@@ -292,7 +303,8 @@ def table(outcomes: list[Outcome], faults: int, seed: int, took: float, repeat_e
         f"Recipe `{RECIPE.relative_to(ROOT)}` (HDF5, num_workers 2) with U-Net base 8, {EPOCHS} epochs x {SAMPLES} "
         f"samples, batch {BATCH}; checkpoints: best.ckpt (val/dice), last.ckpt (every validation), every 3 steps "
         f"(2 kept), requeue.ckpt. The uninterrupted run, repeated: {repeat}.\n\n"
-        f"- {'met' if met else 'NOT met'}: every fault resumed, bitwise equal, 0 steps lost beyond the last safe point\n\n"
+        f"- {'met' if met else 'NOT met'}: every fault resumed (or, signalled during the last step, the run "
+        "finished instead of requeueing), bitwise equal, 0 steps lost beyond the last safe point\n\n"
         f"Each fault: {detail}.\n")
 
 
@@ -332,13 +344,13 @@ def main(argv: list[str] | None = None) -> int:
                 at_batch = rng.randint(1, EPOCHS * SAMPLES // BATCH - 1)
                 outcome = run_fault(kind, name, at_batch, work, data, references[name], index)
                 outcomes.append(outcome)
-                print(f"[bench_faults] {kind} {name} at batch {at_batch}: resumed={outcome.resumed} "
+                print(f"[bench_faults] {kind} {name} at batch {at_batch}: resumed={outcome.resumed} finished={outcome.finished} "
                       f"equal={outcome.equal} lost_beyond={outcome.lost_beyond} {outcome.extra or outcome.note}", flush=True)
     text = table(outcomes, args.faults, args.seed, time.perf_counter() - started, repeat_equal)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
-    return 0 if all(o.resumed and o.equal and o.lost_beyond == 0 for o in outcomes) else 1
+    return 0 if all((o.resumed or o.finished) and o.equal and o.lost_beyond == 0 for o in outcomes) else 1
 
 
 if __name__ == "__main__":
