@@ -145,7 +145,7 @@ class RequeueOnSignal(pl.Callback):
 
     def _stop(self, trainer: pl.Trainer, save: bool) -> None:
         self._done = True
-        sig = signal_name(received())
+        sig = signal_name(received()) if received() is not None else "a requeue signal (on another rank)"
         if _training_finished(trainer):
             rank_zero_info(f"RequeueOnSignal: {sig} after the last training step (step {trainer.global_step}); "
                            "finishing the run instead of requeueing")
