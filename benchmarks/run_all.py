@@ -28,9 +28,10 @@ BENCHMARKS = {
     "quantization (issue 7)": ["benchmarks/bench_qat.py"],
     "INT8 on every CPU (issue 15)": ["benchmarks/bench_int8_cpu.py"],
     "data file check (issue 17)": ["benchmarks/bench_filecheck.py"],
+    "faults (issue 16)": ["benchmarks/bench_faults.py", "--faults", "5"],
 }
 QUICK = {"benchmarks/bench_distill.py": ["--quick"], "benchmarks/bench_qat.py": ["--quick"],
-         "benchmarks/bench_int8_cpu.py": ["--quick"]}
+         "benchmarks/bench_int8_cpu.py": ["--quick"], "benchmarks/bench_faults.py": ["--faults", "1"]}
 
 
 def machine() -> str:

@@ -18,6 +18,9 @@ What the design requires from the Trainer:
   for any ``num_workers``.
 * Validation ranks may get one batch fewer than others (no duplicated samples): reduce
   metrics at epoch end (torchmetrics), not with per-step ``sync_dist``.
+* Loader workers are shielded from the cluster's USR1/TERM (Slurm signals every process of a
+  job step): they keep serving batches and the main process checkpoints at its next safe point
+  (``trainer/requeue_signals.py``).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from datamodules.sampling import CaseLabels, EpochSampler, round_train_samples, 
 from datamodules.schema import DatasetHeader
 from datamodules.store import CaseStore
 from trainer.errors import UserError
+from trainer.requeue_signals import shield_loader_kwargs
 
 CACHE_MODES = ("auto", "always", "never")
 
@@ -293,8 +297,23 @@ class SegDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         rank, world_size = self._rank_and_world_size()
-        epoch = self.trainer.current_epoch if self.trainer is not None else self._epoch
-        return self.make_dataloader("train", rank=rank, world_size=world_size, epoch=epoch)
+        return self.make_dataloader("train", rank=rank, world_size=world_size, epoch=self._train_epoch())
+
+    def _train_epoch(self) -> int:
+        """The epoch whose samples the train loader serves first.
+
+        ``trainer.current_epoch`` counts completed epochs. A checkpoint written at an epoch's
+        end (``on_train_epoch_end``: the epoch processed, not yet completed; what a
+        ModelCheckpoint without ``every_n_train_steps`` writes) resumes into the next epoch,
+        and Lightning builds that epoch's iterator from the restored loader state before it
+        sets the sampler's epoch: the sampler must already be at the next epoch (else the
+        resumed run trains that epoch on the previous epoch's samples).
+        """
+        if self.trainer is None:
+            return self._epoch
+        progress = getattr(getattr(self.trainer, "fit_loop", None), "epoch_progress", None)
+        processed = progress.current.processed if progress is not None else 0
+        return max(self.trainer.current_epoch, processed) if self.trainer.state.fn == "fit" else self.trainer.current_epoch
 
     def val_dataloader(self):
         return self._eval_loader("val")
@@ -388,6 +407,9 @@ class SegDataModule(L.LightningDataModule):
         kwargs = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
         if self.num_workers > 0:
             kwargs["persistent_workers"] = self.persistent_workers
+        # Slurm signals every process of a job step, workers included: they leave USR1/TERM to
+        # the main process, which checkpoints at its next safe point (trainer/requeue_signals.py)
+        kwargs.update(shield_loader_kwargs(self.num_workers))
         return kwargs
 
     def _split(self, header: DatasetHeader) -> dict[str, list[int]]:

@@ -144,6 +144,104 @@ def test_last_picks_newest_good_checkpoint_and_reports_corrupt_ones(tmp_path):
     assert old.exists()
 
 
+def _state_ckpt(step: int, *, writer: str | None = "run-a", batches: int | None = None, epochs: int = 0,
+                val: int = 0, epoch: int = 0) -> dict:
+    """A checkpoint dict with the training-loop progress Lightning 2.6 stores (only what resume reads)."""
+    def total(n: int) -> dict:
+        return {"total": {"ready": n, "started": n, "processed": n, "completed": n}}
+
+    ckpt = {"state_dict": {"net.w": torch.full((4,), float(step))}, "global_step": step, "epoch": epoch,
+            "loops": {"fit_loop": {"epoch_loop.batch_progress": total(step if batches is None else batches),
+                                   "epoch_progress": total(epochs), "epoch_loop.val_loop.batch_progress": total(val)}}}
+    if writer is not None:
+        ckpt["callbacks"] = {"RequeueOnSignal": {"writer": writer}}
+    return ckpt
+
+
+def _save(path: Path, ckpt: dict, mtime: float) -> Path:
+    atomic_save(ckpt, path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_last_picks_the_latest_training_state_not_the_newest_file(tmp_path):
+    """Issue 16: after a signal a monitor checkpoint could be written after requeue.ckpt; the
+    newest file is then not the latest training state."""
+    trainer = _trainer(tmp_path)
+    d = tmp_path / "ckpts"
+    _save(d / "step=0004.ckpt", _state_ckpt(4), 1_000)
+    requeue = _save(d / "requeue.ckpt", _state_ckpt(5), 2_000)
+    _save(d / "last.ckpt", _state_ckpt(4, epochs=1, val=8), 3_000)  # epoch end, after a validation
+    _save(d / "best.ckpt", _state_ckpt(3, val=4), 4_000)  # copied/renamed late: newest on disk
+    messages: list[str] = []
+    assert resolve_resume_path(trainer, "last", log=messages.append) == str(requeue.resolve())
+    [line] = messages
+    assert "requeue.ckpt: global step 5" in line and "latest training state" in line and "best.ckpt step 3" in line
+
+
+def test_same_step_is_ordered_by_batches_then_epoch_end_then_validation(tmp_path):
+    trainer = _trainer(tmp_path)
+    d = tmp_path / "ckpts"
+    _save(d / "mid_accumulation.ckpt", _state_ckpt(6, batches=13), 4_000)  # a 2nd micro-batch after step 6
+    _save(d / "batch_end.ckpt", _state_ckpt(6, batches=12), 5_000)
+    assert resolve_resume_path(trainer, "last", log=lambda m: None).endswith("mid_accumulation.ckpt")
+    _save(d / "epoch_end.ckpt", _state_ckpt(6, batches=13, epochs=1), 1_000)
+    assert resolve_resume_path(trainer, "last", log=lambda m: None).endswith("epoch_end.ckpt")
+    _save(d / "after_val.ckpt", _state_ckpt(6, batches=13, epochs=1, val=3), 500)
+    assert resolve_resume_path(trainer, "last", log=lambda m: None).endswith("after_val.ckpt")
+
+
+def test_checkpoints_of_an_earlier_run_do_not_win_by_step(tmp_path):
+    """A stale, longer run in the same folder (or the abandoned branch of a run resumed from an
+    older checkpoint) is not resumed: candidates are the checkpoints of the newest file's writer."""
+    trainer = _trainer(tmp_path)
+    d = tmp_path / "ckpts"
+    _save(d / "step=0050.ckpt", _state_ckpt(50, writer="old-run"), 1_000)
+    _save(d / "step=0008.ckpt", _state_ckpt(8, writer="new-run"), 2_000)
+    mine = _save(d / "step=0010.ckpt", _state_ckpt(10, writer="new-run"), 3_000)
+    messages: list[str] = []
+    assert resolve_resume_path(trainer, "last", log=messages.append) == str(mine.resolve())
+    assert "1 from earlier runs not considered" in messages[-1]
+    mine.write_bytes(mine.read_bytes()[:200])  # the new run's files all unusable: fall back, in order
+    (d / "step=0008.ckpt").write_bytes(b"PK garbage")
+    messages.clear()
+    assert resolve_resume_path(trainer, "last", log=messages.append).endswith("step=0050.ckpt")
+    assert sum("skipping" in m for m in messages) == 2
+
+
+def test_training_state_is_read_from_real_lightning_checkpoints(tmp_path):
+    """The loop-progress keys resume reads exist in Lightning's own checkpoints: a run with a
+    monitor checkpoint, save_last, every-N-steps checkpoints and RequeueOnSignal's writer id;
+    whichever file is touched last, resume picks the final training state."""
+    from tinydata import TinySegDataModule
+
+    from trainer.checkpointing import read_training_state
+    from trainer.models import UNet
+    from trainer.module import SegmentationModule
+
+    d = tmp_path / "ckpts"
+    callbacks = [ModelCheckpoint(dirpath=d, filename="best", monitor="val/dice", mode="max", enable_version_counter=False),
+                 ModelCheckpoint(dirpath=d, filename="{step:03d}", every_n_train_steps=2, save_top_k=2, monitor="step",
+                                 mode="max", save_last=True, save_on_train_epoch_end=True),
+                 RequeueOnSignal()]
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=callbacks, logger=False, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    net = UNet(spatial_dims=2, num_classes=3, depth=1, base_channels=2)
+    trainer.fit(SegmentationModule(net, num_classes=3), TinySegDataModule(size=8, n_train=8, n_val=2, batch_size=2))
+    states = {p.name: read_training_state(p) for p in d.glob("*.ckpt")}
+    assert {"best.ckpt", "last.ckpt", "step=008.ckpt"} <= set(states), sorted(states)
+    assert len({s.writer for s in states.values()}) == 1 and states["last.ckpt"].writer
+    # saved after the 8th batch, in the 2nd epoch (its end not yet counted)
+    assert (states["last.ckpt"].global_step, states["last.ckpt"].train_batches, states["last.ckpt"].epochs_ended) == (8, 8, 1)
+    assert states["step=006.ckpt"].order < states["step=008.ckpt"].order <= states["last.ckpt"].order
+    latest = max(s.order for s in states.values())
+    for name in states:  # modification times say nothing
+        os.utime(d / name, (9e9, 9e9))
+        picked = read_training_state(Path(resolve_resume_path(trainer, "last", log=lambda m: None)))
+        assert picked.global_step == 8 and picked.order == latest, name
+        os.utime(d / name, (1e9, 1e9))
+
+
 def test_last_finds_checkpoints_in_lightning_versioned_log_dirs(tmp_path):
     trainer = _trainer(tmp_path, with_dirpath=False)
     ckpt = _write(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "epoch=0-step=4.ckpt", 4)
@@ -243,3 +341,49 @@ def test_always_on_pieces_are_added_once_and_slurm_requeue_is_ours(monkeypatch):
     plugins = always_on_trainer_kwargs({})["plugins"]
     slurm = [p for p in plugins if isinstance(p, SLURMEnvironment)]
     assert len(slurm) == 1 and slurm[0].auto_requeue is False
+
+
+# ============================================================================ every checkpoint kind resumes exactly
+def _fit_hdf5(tmp_path: Path, run: str, data: Path, ckpt_path: str | None = None, workers: int = 0) -> tuple[pl.Trainer, dict]:
+    from functools import partial
+
+    from datamodules.hdf5 import HDF5SegDataModule
+    from trainer.models import UNet
+    from trainer.module import SegmentationModule
+
+    pl.seed_everything(0)
+    model = SegmentationModule(UNet(spatial_dims=2, num_classes=5, depth=1, base_channels=2), num_classes=5,
+                               optimizer=partial(torch.optim.AdamW, lr=0.01),
+                               lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=3))
+    data = HDF5SegDataModule(path=str(data), spatial_dims=2, patch_size=[32, 32], batch_size=2, num_workers=workers,
+                             samples_per_epoch=8, generate={"cases": 5, "shape": [2, 32, 32], "seed": 0})
+    d = tmp_path / run
+    callbacks = [ModelCheckpoint(dirpath=d, filename="epoch{epoch}", save_top_k=-1, every_n_epochs=1),  # epoch end
+                 ModelCheckpoint(dirpath=d, filename="best{epoch}", monitor="val/dice", mode="max", save_top_k=-1),
+                 ModelCheckpoint(dirpath=d, filename="b{step}", every_n_train_steps=1, save_top_k=-1)]
+    trainer = pl.Trainer(default_root_dir=d, max_epochs=3, logger=False, accelerator="cpu", enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+                         **always_on_trainer_kwargs({"callbacks": callbacks}))
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_every_kind_of_epoch_boundary_checkpoint_resumes_exactly(tmp_path):
+    """The shipped recipes' checkpoints at an epoch boundary: written at the epoch's end (a
+    ModelCheckpoint without every_n_train_steps, like the shipped ``last.ckpt``), after the
+    validation (the monitor's ``best.ckpt``) and after the last batch (every-N-steps). Resumed
+    with the HDF5 datamodule (two loader workers, augmentation) and an epoch-wise LR schedule,
+    each ends bitwise equal to the uninterrupted run. (Issue 16's fault campaign found the
+    epoch-end case inexact: the resumed loader served the previous epoch's samples; the
+    datamodule now starts it at the epoch that follows.)"""
+    data = tmp_path / "p.h5"
+    _, reference = _fit_hdf5(tmp_path, "ref", data, workers=2)
+    saved = tmp_path / "ref"
+    boundary = {"epoch-end": saved / "epochepoch=0.ckpt", "monitor": saved / "bestepoch=0.ckpt",
+                "last batch": saved / "bstep=4.ckpt"}
+    for kind, ckpt in boundary.items():
+        assert ckpt.exists(), sorted(p.name for p in saved.iterdir())
+        _, resumed = _fit_hdf5(tmp_path, kind.replace(" ", "_"), data, ckpt_path=str(ckpt), workers=2)
+        differing = [k for k in reference if not torch.equal(reference[k], resumed[k])]
+        assert not differing, f"resumed from the {kind} checkpoint: {len(differing)} tensors differ"

@@ -6,8 +6,10 @@
   with ``weights_only=True``.
 * :func:`verify_checkpoint` checks a file's zip structure and every member's CRC (``torch.load``
   happily loads a file with flipped bytes), or a ZeRO directory's completeness.
-* :func:`resolve_resume_path` turns ``--ckpt_path last`` / ``last-or-fresh`` into the newest
-  checkpoint that passes :func:`verify_checkpoint`, reporting (one line each) the ones it skips.
+* :func:`resolve_resume_path` turns ``--ckpt_path last`` / ``last-or-fresh`` into the checkpoint
+  holding the latest training state (global step, batches, epochs and validations read from the
+  checkpoint, among those of the most recent run) that passes :func:`verify_checkpoint`, says in
+  one line which one and why, and reports (one line each) the ones it skips.
 * :func:`load_checkpoint` returns a plain Lightning checkpoint dict for a ``.ckpt`` file or a
   DeepSpeed ZeRO directory (stages 0-3, consolidated to fp32), always with ``weights_only=True``.
 """
@@ -22,6 +24,7 @@ import tempfile
 import types
 import zipfile
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -369,9 +372,9 @@ def checkpoint_dirs(trainer) -> list[Path]:
 
 
 def list_checkpoints(dirs: Iterable[Path]) -> list[Path]:
-    """``*.ckpt`` files and ZeRO directories in ``dirs``, newest first (modification time)."""
+    """``*.ckpt`` files and ZeRO directories in ``dirs`` (resolved, each once, in name order)."""
     found = {p.resolve() for d in dirs if d.is_dir() for p in d.glob("*.ckpt") if not p.name.startswith(".")}
-    return sorted(found, key=_mtime, reverse=True)
+    return sorted(found)
 
 
 def _mtime(path: Path) -> float:
@@ -382,12 +385,87 @@ def _mtime(path: Path) -> float:
     return path.stat().st_mtime
 
 
+@dataclass(frozen=True)
+class TrainingState:
+    """Where a checkpoint stands in training, read from the checkpoint itself.
+
+    ``order`` sorts checkpoints of one run by training progress: optimizer steps, then training
+    batches (a checkpoint written mid-accumulation), then epochs ended (an epoch-end save after
+    the last batch's save), then validation batches (a save after a validation).
+    """
+
+    path: Path
+    global_step: int
+    epoch: int
+    train_batches: int
+    epochs_ended: int
+    val_batches: int
+    writer: str | None  # the process that wrote it (RequeueOnSignal's id); None for other writers
+    mtime: float
+
+    @property
+    def order(self) -> tuple[int, int, int, int]:
+        return self.global_step, self.train_batches, self.epochs_ended, self.val_batches
+
+    def brief(self) -> str:
+        return f"{self.path.name} step {self.global_step}"
+
+
+def read_training_state(path: Path) -> TrainingState:
+    """The :class:`TrainingState` of a checkpoint file or ZeRO directory (cheap: tensors are
+    memory-mapped, not read). Raises UserError when it cannot be read."""
+    if path.is_dir():
+        if problem := zero_checkpoint_problem(path):
+            raise UserError(problem)
+        tag_dir = path / _zero_tag(path)
+        states = tag_dir / "mp_rank_00_model_states.pt"
+        ckpt = _zero_load(states if states.is_file() else tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt", mmap=True)
+    else:
+        if path.stat().st_size == 0:
+            raise UserError("empty file")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+            raise UserError(f"unreadable: {type(exc).__name__}: {_first_line(exc)}") from None
+    if not isinstance(ckpt, dict) or "global_step" not in ckpt:
+        raise UserError("not a Lightning training checkpoint (no 'global_step')")
+    fit = (ckpt.get("loops") or {}).get("fit_loop") or {}
+
+    def total(key: str, field: str) -> int:
+        return int(((fit.get(key) or {}).get("total") or {}).get(field, 0))
+
+    callbacks = ckpt.get("callbacks") or {}
+    requeue_state = next((v for k, v in callbacks.items() if str(k).startswith("RequeueOnSignal")), None) or {}
+    return TrainingState(
+        path=path, global_step=int(ckpt["global_step"]), epoch=int(ckpt.get("epoch", 0)),
+        train_batches=total("epoch_loop.batch_progress", "processed"),
+        epochs_ended=total("epoch_progress", "processed"),
+        val_batches=total("epoch_loop.val_loop.batch_progress", "processed"),
+        writer=requeue_state.get("writer") if isinstance(requeue_state, dict) else None, mtime=_mtime(path))
+
+
+def order_for_resume(states: list[TrainingState]) -> list[TrainingState]:
+    """Resume candidates, best first: the checkpoints written by the most recent process (the
+    writer of the newest file) by training progress, then each earlier writer's the same way.
+
+    Training progress, not modification time, decides within a run: a monitor checkpoint
+    (``best.ckpt``) or a copied ``last.ckpt`` can be newer on disk than a later training state.
+    Grouping by writer keeps a stale checkpoint of an earlier, longer run in the same directory
+    (or the abandoned branch of a run resumed from an older checkpoint) from winning.
+    """
+    groups: dict[str | None, list[TrainingState]] = {}
+    for state in sorted(states, key=lambda s: s.mtime, reverse=True):
+        groups.setdefault(state.writer, []).append(state)
+    return [s for group in groups.values() for s in sorted(group, key=lambda s: (s.order, s.mtime), reverse=True)]
+
+
 def resolve_resume_path(trainer, value: str | None, log=None) -> str | None:
-    """Resolve ``last`` / ``last-or-fresh`` to the newest usable checkpoint; check explicit paths.
+    """Resolve ``last`` / ``last-or-fresh`` to the checkpoint with the latest training state; check explicit paths.
 
     ``last`` with no checkpoint is an error; ``last-or-fresh`` then starts from scratch. A
-    checkpoint that fails :func:`verify_checkpoint` is reported in one line and the next newest
-    one is used. Other values (``best``, ``hpc``, ``None``...) are returned unchanged.
+    checkpoint that cannot be read or fails :func:`verify_checkpoint` is reported in one line
+    and the next candidate is used (order: :func:`order_for_resume`). The choice and its reason
+    are logged in one line. Other values (``best``, ``hpc``, ``None``...) are returned unchanged.
     """
     log = log or _rank_zero_print
     if value not in (LAST, LAST_OR_FRESH):
@@ -396,12 +474,19 @@ def resolve_resume_path(trainer, value: str | None, log=None) -> str | None:
         return value
     dirs = checkpoint_dirs(trainer)
     candidates = list_checkpoints(dirs)
+    states = []
     for candidate in candidates:
-        problem = verify_checkpoint(candidate)
+        try:
+            states.append(read_training_state(candidate))
+        except UserError as problem:
+            log(f"warning: skipping checkpoint {candidate}: {problem}")
+    ordered = order_for_resume(states)
+    for state in ordered:
+        problem = verify_checkpoint(state.path)
         if problem is None:
-            log(f"resuming from {candidate}")
-            return str(candidate)
-        log(f"warning: skipping checkpoint {candidate}: {problem}")
+            log(_resume_line(state, ordered))
+            return str(state.path)
+        log(f"warning: skipping checkpoint {state.path}: {problem}")
     where = ", ".join(str(d) for d in dirs) or f"{trainer.default_root_dir} (no checkpoints/ folder)"
     if candidates:
         raise UserError(f"--ckpt_path {value}: none of the {len(candidates)} checkpoints under {where} is usable (see warnings above)")
@@ -409,6 +494,17 @@ def resolve_resume_path(trainer, value: str | None, log=None) -> str | None:
         log(f"no checkpoint under {where}; starting fresh (--ckpt_path {LAST_OR_FRESH})")
         return None
     raise UserError(f"--ckpt_path last: no checkpoint under {where}; pass --ckpt_path {LAST_OR_FRESH} to start fresh when there is none")
+
+
+def _resume_line(chosen: TrainingState, ordered: list[TrainingState]) -> str:
+    same_run = [s for s in ordered if s.writer == chosen.writer and s is not chosen]
+    earlier = len(ordered) - len(same_run) - 1
+    others = ", ".join(s.brief() for s in same_run[:4]) + (", ..." if len(same_run) > 4 else "")
+    why = (f"the latest training state of the {len(same_run) + 1} checkpoints its run wrote"
+           + (f" (others: {others})" if others else "")
+           + (f"; {earlier} from earlier runs not considered" if earlier else ""))
+    return (f"resuming from {chosen.path}: global step {chosen.global_step}, epoch {chosen.epoch}, "
+            f"{chosen.train_batches} training batches: {why}")
 
 
 def _rank_zero_print(message: str) -> None:

@@ -17,9 +17,13 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _lightning(argv: list[str]) -> int:
+    from trainer.callbacks.requeue import RequeueStop
     from trainer.recipe_cli import run_lightning_cli
 
-    run_lightning_cli(argv)
+    try:
+        run_lightning_cli(argv)
+    except RequeueStop:  # checkpointed at a safe point after USR1/TERM; the job is requeued (issue 16)
+        return 0
     return 0
 
 

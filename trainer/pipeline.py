@@ -17,10 +17,11 @@ checkpoint into a recipe key::
 Dotted keys walk the recipe; inside a list (``trainer.callbacks``) a segment picks the entry
 whose ``class_path`` ends with it, and ``init_args`` is implied. Each stage runs in
 ``<run_dir>/<stage>/`` (checkpoints, logs, the resolved ``recipe.yaml``); the runner skips
-stages already complete with an unchanged recipe, resumes an interrupted one from its last
-checkpoint, refuses a changed recipe for a complete stage unless ``--rerun-changed``, exports
-each stage's checkpoint (verified) and ends with the compression report. It is safe to run
-again after a kill or a SLURM requeue: that is how it resumes.
+stages already complete with an unchanged recipe, resumes an interrupted one from the
+checkpoint holding its latest training state (any of its checkpoints, ``requeue.ckpt`` too),
+refuses a changed recipe for a complete stage unless ``--rerun-changed``, exports each stage's
+checkpoint (verified) and ends with the compression report. It is safe to run again after a
+kill or a SLURM requeue: that is how it resumes.
 """
 from __future__ import annotations
 
@@ -213,7 +214,9 @@ class Runner:
         sdir.mkdir(parents=True, exist_ok=True)
         (sdir / "recipe.yaml").write_text(text)
         _write_json(sdir / STATUS, {"index": index, "complete": False, "recipe_sha256": digest})
-        resume = (sdir / "checkpoints" / "last.ckpt").exists()
+        # any checkpoint of the stage resumes it (requeue.ckpt, a monitor or every-N-steps one...):
+        # --ckpt_path last picks the one holding the latest training state
+        resume = has_checkpoint(sdir)
         args = ["fit", "--config", str(sdir / "recipe.yaml")] + (["--ckpt_path", "last"] if resume else [])
         _launch(f"{stage.name}: {'resume' if resume else 'train'}", args)
         fit = _read_json(sdir / "fit_status.json")
@@ -246,6 +249,11 @@ def _isolate(recipe: dict[str, Any], sdir: Path) -> None:
             lg["init_args"]["save_dir"] = str(sdir)
 
 
+def has_checkpoint(sdir: Path) -> bool:
+    """True when the stage folder holds a checkpoint in any ``checkpoints/`` folder."""
+    return any("checkpoints" in p.relative_to(sdir).parts for p in sdir.rglob("*.ckpt"))
+
+
 class Requeued(Exception):
     """A SLURM requeue signal arrived; the job has been (or is being) requeued."""
 
@@ -255,13 +263,15 @@ _stopped: list[int] = []  # a stop signal (outside SLURM) that the pipeline pass
 
 
 def _forward_signal(signum: int, frame: Any) -> None:
-    # Inside a SLURM job the pipeline only notes the signal and passes it to the running
-    # stage, whose RequeueOnSignal callback checkpoints and requeues at a safe point.
+    # Inside a SLURM job the pipeline only notes the signal and passes it to a running training
+    # stage, whose RequeueOnSignal callback checkpoints and requeues at a safe point. (Slurm
+    # signals the stage too; twice is harmless.) Exports run with the signals ignored: they finish
+    # and the pipeline requeues afterwards (at once on TERM, see _wait).
     from trainer.requeue_signals import _note_signal
 
     _note_signal(signum, frame)
     for proc in _child:
-        if proc.poll() is None:
+        if proc.poll() is None and getattr(proc, "compressseg_fit", False):
             proc.send_signal(signum)
 
 
@@ -300,20 +310,45 @@ def _check_requeue(where: str) -> None:
 
 
 def _launch(title: str, args: list[str]) -> None:
+    from trainer.requeue_signals import ignore_requeue_signals, received, under_slurm_job
+
     _check_requeue(f"before {title}")
     print(f"\n[pipeline] {title}\n$ python launch.py {shlex.join(args)}", flush=True)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=Path.cwd())
+    is_fit = args[0] == "fit"
+    shield = under_slurm_job() and not is_fit
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=Path.cwd(),
+                            preexec_fn=ignore_requeue_signals if shield else None)
+    proc.compressseg_fit = is_fit
     _child[:] = [proc]
-    code = proc.wait()
-    from trainer.requeue_signals import received
-
-    if received() is not None and args[0] == "fit":
-        raise Requeued(title)  # the stage saved a checkpoint and requeued the job itself
+    code = _wait(proc, requeue_on_term=shield)
     if _stopped:
         raise UserError(f"[{title}] stopped by signal {_stopped[0]} (passed on to the stage, which exited "
                         f"with code {code}); run the pipeline again to resume")
     if code != 0:
         raise UserError(f"[{title}] failed with exit code {code}: python launch.py {shlex.join(args)}")
+    if received() is not None and is_fit and not _read_json(_stage_dir(args) / "fit_status.json").get("completed"):
+        raise Requeued(title)  # the stage saved a checkpoint and requeued the job itself
+    # a signal after the stage's last step: it finished; the next _check_requeue requeues
+
+
+def _wait(proc: subprocess.Popen, requeue_on_term: bool) -> int:
+    """Wait for a child; on TERM while an export runs, requeue at once (KillWait is short)."""
+    from trainer.requeue_signals import received_term
+
+    requeued = False
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if requeue_on_term and received_term() and not requeued:
+                from trainer.callbacks.requeue import requeue_job
+
+                requeued = True
+                requeue_job()
+
+
+def _stage_dir(fit_args: list[str]) -> Path:
+    return Path(fit_args[fit_args.index("--config") + 1]).parent
 
 
 def _read_json(path: Path) -> dict[str, Any]:

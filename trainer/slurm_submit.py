@@ -2,7 +2,7 @@
 
     python launch.py submit --config recipes/X.yaml [--config recipes/strategy/ddp.yaml] \\
         --nodes N --gpus-per-node G --time HH:MM:SS [--job-name NAME] [--cpus-per-task C] \\
-        [--signal-lead S] [--log-dir DIR] [--dry-run] [SBATCH OPTIONS...] [-- FIT OVERRIDES...]
+        [--signal-lead S] [--startup-time S] [--log-dir DIR] [--dry-run] [SBATCH OPTIONS...] [-- FIT OVERRIDES...]
 
 Before anything is submitted, the recipe (with the overrides after ``--``) is parsed exactly
 as ``launch.py fit`` parses it, without building the model or data, and ``--gpus-per-node``
@@ -33,6 +33,9 @@ from trainer.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = {"single": ROOT / "slurm" / "single_node.sbatch", "multi": ROOT / "slurm" / "multi_node.sbatch",
              "pipeline": ROOT / "slurm" / "pipeline.sbatch"}
+STARTUP_S = 120  # default --startup-time: imports, data set-up, rendezvous, loading a checkpoint
+SIGNAL_EARLY_S = 60  # Slurm may deliver --signal=SIG@N up to this much earlier than N before the limit
+WINDOW_WARN_FRACTION = 0.25  # warn when less than this share of an allocation is sure to train
 _TIME = re.compile(r"^(?:(\d+)-)?(\d{1,3})(?::(\d{2}))?(?::(\d{2}))?$")
 
 
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cores per task (default: 8 with GPUs, 1 without)")
     p.add_argument("--signal-lead", type=int, default=120,
                    help="seconds before the time limit at which SLURM sends USR1 (checkpoint + requeue); default 120")
+    p.add_argument("--startup-time", type=int, default=STARTUP_S,
+                   help="seconds from a job's start to its first training step (imports, data set-up, DDP rendezvous, "
+                        f"checkpoint loading); a --signal-lead that leaves less is refused. Default {STARTUP_S}")
     p.add_argument("--log-dir", default=None,
                    help="where the script and the job's output go (default: <trainer.default_root_dir>/slurm)")
     p.add_argument("--python", default=sys.executable, help="interpreter on the nodes (default: this one)")
@@ -102,6 +108,31 @@ def _check_resources(args: argparse.Namespace) -> None:
     limit_s = parse_time(args.time)
     if not 0 < args.signal_lead < limit_s:
         raise UserError(f"submit: --signal-lead {args.signal_lead}s must be > 0 and below the time limit {args.time}")
+    check_training_window(limit_s, args.signal_lead, args.startup_time, args.time)
+
+
+def check_training_window(limit_s: int, lead_s: int, startup_s: int, time_arg: str) -> None:
+    """Refuse a lead that leaves no training time in an allocation; warn when little is left.
+
+    Slurm checks time limits about every 30 s and may send ``--signal=USR1@lead`` up to
+    ``SIGNAL_EARLY_S`` before ``limit - lead``. If that moment can fall before the job's first
+    training step, every allocation may requeue without progress, forever (the job would stop
+    itself after a few idle allocations: RequeueOnSignal.max_idle_allocations).
+    """
+    if startup_s < 0:
+        raise UserError(f"submit: --startup-time {startup_s} must be >= 0")
+    earliest = limit_s - lead_s - SIGNAL_EARLY_S
+    window = earliest - startup_s
+    if window <= 0:
+        raise UserError(
+            f"submit: --time {time_arg} with --signal-lead {lead_s} leaves no time to train: Slurm may send USR1 "
+            f"up to {SIGNAL_EARLY_S}s early, {max(earliest, 0)}s after the start, and start-up takes about {startup_s}s "
+            "(--startup-time); every allocation could requeue before its first step. Lengthen --time or shorten "
+            "--signal-lead; nothing submitted")
+    if window < WINDOW_WARN_FRACTION * limit_s:
+        print(f"warning: submit: only about {window}s of each {limit_s}s allocation is sure to train (USR1 up to "
+              f"{SIGNAL_EARLY_S}s before the {lead_s}s lead, {startup_s}s start-up); consider a longer --time",
+              file=sys.stderr)
 
 
 def plan_job(args: argparse.Namespace, sbatch_extra: list[str], fit_overrides: list[str]) -> dict[str, Any]:

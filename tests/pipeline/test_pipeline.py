@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
 from test_fit_cli import ROOT, launch, tiny_recipe  # noqa: E402
 
 from trainer.errors import UserError  # noqa: E402
-from trainer.pipeline import load_pipeline, set_dotted  # noqa: E402
+from trainer.pipeline import has_checkpoint, load_pipeline, set_dotted  # noqa: E402
 
 
 def write_pipeline(tmp: Path, teacher_epochs: int = 2, student_epochs: int = 2) -> Path:
@@ -53,6 +53,18 @@ def test_unknown_input_stage_is_named(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(UserError, match="unknown stage 'teachr'.*teacher"):
         load_pipeline(path)
+
+
+def test_a_stage_resumes_from_any_checkpoint(tmp_path):
+    """Not only last.ckpt: requeue.ckpt (a stage requeued before its first epoch ended), a
+    monitor or an every-N-steps checkpoint resume it too (--ckpt_path last picks among them)."""
+    assert not has_checkpoint(tmp_path)
+    (tmp_path / "export" / "onnx").mkdir(parents=True)
+    (tmp_path / "export" / "onnx" / "x.ckpt").touch()
+    assert not has_checkpoint(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "requeue.ckpt").touch()
+    assert has_checkpoint(tmp_path)
 
 
 def test_report_on_directory_without_runs(tmp_path, subprocess_env):

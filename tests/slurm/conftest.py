@@ -29,7 +29,8 @@ def slurm_cluster(tmp_path_factory):
     reason = localcluster.ensure_installed(log=root / "apt.log")
     if reason:
         (pytest.fail if must_run else pytest.skip)(f"no local SLURM cluster: {reason}")
-    cluster = localcluster.LocalCluster(root)
+    # 8 CPUs a node (more than the machine has: config_overrides) so a module's jobs run side by side
+    cluster = localcluster.LocalCluster(root, cpus_per_node=8)
     try:
         cluster.start()
     except Exception as exc:  # noqa: BLE001 - any start failure means: no cluster here

@@ -120,6 +120,10 @@ def kit_root() -> Path:
     ("cpu recipe on gpus", ["--nodes", "1", "--gpus-per-node", "2", "--time", "1:00:00"], "accelerator=cpu"),
     ("bad time", ["--nodes", "1", "--gpus-per-node", "0", "--time", "90 minutes"], "--time"),
     ("lead beyond limit", ["--nodes", "1", "--gpus-per-node", "0", "--time", "00:01:00"], "--signal-lead"),
+    # Slurm may send USR1 60 s early: at 300-120-60 = 120 s, before start-up (120 s) is over
+    ("lead leaves no training", ["--nodes", "1", "--gpus-per-node", "0", "--time", "00:05:00"], "leaves no time to train"),
+    ("negative start-up", ["--nodes", "1", "--gpus-per-node", "0", "--time", "1:00:00", "--startup-time", "-1"],
+     "--startup-time"),
     ("stray positional", ["--nodes", "1", "--gpus-per-node", "0", "--time", "1:00:00", "oops"], "oops"),
 ])
 def test_bad_input_is_one_line_exit_2_and_never_reaches_sbatch(problem, argv, needle, tmp_path, fake_bin, capsys):
@@ -188,3 +192,15 @@ def test_run_directory_with_a_line_break_is_refused_as_the_default_log_dir(tmp_p
     code, _, err = submit(["--config", str(cfg), "--nodes", "1", "--gpus-per-node", "0", "--time", "00:10:00",
                            "--dry-run", "--", "--trainer.default_root_dir", "runs/x\ntouch pwned"], capsys)
     assert code == 2 and "--log-dir (default: from the run directory)" in err.splitlines()[-1], err
+
+
+def test_short_training_window_is_accepted_with_a_warning(tmp_path, fake_bin, capsys):
+    # 240 s limit, USR1 at 240-60 = 180 s or up to 60 s earlier, 90 s start-up: 30 s sure to train
+    code, script, err = submit(["--config", str(recipe(tmp_path)), "--nodes", "1", "--gpus-per-node", "0",
+                                "--time", "00:04:00", "--signal-lead", "60", "--startup-time", "90", "--dry-run"], capsys)
+    assert code == 0 and "#SBATCH --signal=USR1@60" in script
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "only about 30s of each 240s" in warnings[0], err
+    code, _, err = submit(["--config", str(recipe(tmp_path)), "--nodes", "1", "--gpus-per-node", "0",
+                           "--time", "04:00:00", "--dry-run"], capsys)
+    assert code == 0 and "warning" not in err
