@@ -377,7 +377,7 @@ def test_every_kind_of_epoch_boundary_checkpoint_resumes_exactly(tmp_path):
     each ends bitwise equal to the uninterrupted run. (Issue 16's fault campaign found the
     epoch-end case inexact: the resumed loader served the previous epoch's samples; the
     datamodule now starts it at the epoch that follows.)"""
-    data = tmp_path / "p.h5"
+    data = tmp_path / "phantom.h5"
     _, reference = _fit_hdf5(tmp_path, "ref", data, workers=2)
     saved = tmp_path / "ref"
     boundary = {"epoch-end": saved / "epochepoch=0.ckpt", "monitor": saved / "bestepoch=0.ckpt",

@@ -74,14 +74,14 @@ def test_unshielded_workers_die_on_the_clusters_term():
 def test_the_datamodules_shield_their_loaders(tmp_path):
     from datamodules.hdf5 import HDF5SegDataModule
 
-    dm = HDF5SegDataModule(path=str(tmp_path / "p.h5"), spatial_dims=2, patch_size=[32, 32], batch_size=2,
+    dm = HDF5SegDataModule(path=str(tmp_path / "phantom.h5"), spatial_dims=2, patch_size=[32, 32], batch_size=2,
                            num_workers=2, generate={"cases": 5, "shape": [2, 32, 32], "seed": 0})
     dm.prepare_data()
     dm.setup("fit")
     for split in ("train", "val"):
         assert loader_is_shielded(dm.make_dataloader(split)), split
     assert not {"worker_init_fn", "multiprocessing_context"} & set(HDF5SegDataModule(
-        path=str(tmp_path / "p.h5"), spatial_dims=2, patch_size=[32, 32], num_workers=0)._loader_kwargs())
+        path=str(tmp_path / "phantom.h5"), spatial_dims=2, patch_size=[32, 32], num_workers=0)._loader_kwargs())
 
 
 @pytest.mark.parametrize("state,restart,go,why", [
