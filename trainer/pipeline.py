@@ -288,11 +288,10 @@ def _stop_signal(signum: int, frame: Any) -> None:
 
 
 def _install_signal_forwarding() -> None:
-    from trainer.requeue_signals import REQUEUE_SIGNALS, under_slurm_job
+    from trainer.requeue_signals import install_signal_handlers, under_slurm_job
 
     if under_slurm_job():
-        for sig in REQUEUE_SIGNALS:
-            signal.signal(sig, _forward_signal)
+        install_signal_handlers(handler=_forward_signal)
     else:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _stop_signal)

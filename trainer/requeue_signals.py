@@ -25,6 +25,7 @@ Covered: the ``fork`` and ``spawn`` start methods (Linux defaults up to Python 3
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import multiprocessing.context as mp_context
 import os
@@ -46,12 +47,27 @@ def _note_signal(signum: int, frame: FrameType | None) -> None:
     _received.append(signum)
 
 
-def install_signal_handlers(signals=REQUEUE_SIGNALS) -> None:
-    """Install the flag-only handler for ``signals`` (idempotent; main thread only)."""
+def install_signal_handlers(signals=REQUEUE_SIGNALS, handler=_note_signal) -> None:
+    """Install the flag-only handler (or ``handler``) for ``signals`` (idempotent; main thread
+    only), and ignore them once the process is exiting (see :func:`_ignore_while_exiting`)."""
     for sig in signals:
-        signal.signal(sig, _note_signal)
+        signal.signal(sig, handler)
         if sig not in _installed:
             _installed.append(sig)
+    if not _exit_hook:
+        _exit_hook.append(atexit.register(_ignore_while_exiting))
+
+
+_exit_hook: list[Callable[[], None]] = []
+
+
+def _ignore_while_exiting() -> None:
+    # Python puts the default handlers back while it shuts down, and a signal's default action
+    # is to end the process: a warning signal arriving after the work is done (a pipeline's
+    # report written, a run's last step taken) would turn a finished job into a FAILED one with
+    # exit 128+signum (seen on the local cluster). Nothing is left to save by then.
+    for sig in _installed:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def installed() -> tuple[int, ...]:

@@ -162,3 +162,26 @@ def test_a_job_idle_for_too_many_allocations_stops_requeueing_and_says_why(tmp_p
     assert not (tmp_path / "scontrol.calls").exists() or "requeue" not in (tmp_path / "scontrol.calls").read_text()
     history = json.loads((run / "checkpoints" / "requeue_history.json").read_text())
     assert history["idle_allocations"] == 3
+
+
+def test_a_signal_while_the_process_exits_does_not_fail_a_finished_job(tmp_path):
+    """Python restores the default handlers while it shuts down; a warning signal then (a
+    pipeline's report done, Slurm's timer firing) used to end the job with exit 138 (seen on the
+    local cluster). The handlers' exit hook ignores them from the first atexit call on."""
+    script = tmp_path / "exiting.py"
+    script.write_text(
+        "import os, subprocess, sys, time\n"
+        "from trainer.requeue_signals import install_signal_handlers\n"
+        "install_signal_handlers()\n"
+        "flood = ('import os, signal, time\\nend = time.time() + 3\\n'\n"
+        "         'while time.time() < end:\\n'\n"
+        "         '    try: os.kill(%d, signal.SIGUSR1)\\n'\n"
+        "         '    except ProcessLookupError: break\\n' % os.getpid())\n"
+        "subprocess.Popen([sys.executable, '-c', flood])  # signals before, during and after the exit\n"
+        "time.sleep(0.5)\n"
+        "print('done', flush=True)\n"
+    )
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, str(script)], cwd=kit.ROOT, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(kit.ROOT)})
+        assert proc.returncode == 0 and proc.stdout.strip() == "done", (proc.returncode, proc.stderr[-500:])
