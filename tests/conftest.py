@@ -34,3 +34,13 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests skip, with the reason, where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    reason = f"needs CUDA: torch {torch.__version__} sees no CUDA device"
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
