@@ -198,3 +198,19 @@ def test_class_count_mismatch_is_named(tmp_path, net2d, data2d):
     with pytest.raises(UserError, match=r"UNet outputs 3 channels for input \(1, 1, 32, 32\) but num_classes=4"):
         export_artifact(net2d, "onnx", tmp_path / "out", data2d["val"], meta)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_fp16_of_a_quantized_net_is_refused_naming_the_formats_that_fit(tmp_path, net2d, data2d, meta2d):
+    """Converting Q/DQ nodes to FP16 gave a graph onnxruntime would not load (found by
+    benchmarks/gpu_check.py exporting a QAT checkpoint); now one line says what to use."""
+    import copy
+
+    from trainer.quant.calibrate import calibrate
+    from trainer.quant.convert import quantize_net
+
+    qat = copy.deepcopy(net2d)
+    quantize_net(qat)
+    calibrate(qat, [b["image"] for b in data2d["val"]], "max")
+    with pytest.raises(UserError, match=r"onnx-fp16: UNet is quantized .* onnx-qdq, onnx-int8-cpu or tensorrt"):
+        export_artifact(qat.eval(), "onnx-fp16", tmp_path / "out", data2d["val"], meta2d)
+    assert list(tmp_path.iterdir()) == []
