@@ -273,6 +273,26 @@ def launch(args: list[str], env: dict[str, str], timeout: float = 300, check: bo
     return done
 
 
+def run_driver(out: Path, scenarios: list[str], timeout: float = 600) -> int:
+    """Run ``dist_driver.py OUT SCENARIO...`` on 2 ranks (torchrun); its output goes to
+    ``OUT/driver.log``. Returns the exit status (-9 after a timeout: a scenario hung)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(KIT / "dist_driver.py"), str(out), *scenarios]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env_with_kit(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        log, _ = proc.communicate()
+        log, code = log + f"\n[timed out after {timeout}s: a scenario hung]", -9
+    finally:
+        kill_group(proc.pid)
+    (out / "driver.log").write_text(log)
+    return code
+
+
 def kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)

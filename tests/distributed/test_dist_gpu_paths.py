@@ -18,7 +18,6 @@ One ``torchrun --nproc_per_node=2`` job (dist_driver.py, ``gpu_path_scenarios``)
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,19 +40,7 @@ def driver_out(tmp_path_factory) -> Path:
     from distill_testing import framework_checkpoint
 
     framework_checkpoint(out / "teacher.ckpt", seed=1, spatial_dims=2, num_classes=3, depth=2, base_channels=8)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(kit.KIT / "dist_driver.py"), str(out), *SCENARIOS]
-    proc = subprocess.Popen(cmd, cwd=kit.ROOT, env=kit.env_with_kit(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-        kit.kill_group(proc.pid)
-        log, _ = proc.communicate()
-        log += "\n[timed out: a scenario hung (ranks out of lockstep?)]"
-    finally:
-        kit.kill_group(proc.pid)
-    (out / "driver.log").write_text(log)
+    kit.run_driver(out, SCENARIOS, timeout=900)  # each scenario is checked by the tests below
     return out
 
 

@@ -7,8 +7,6 @@ both sides: without the templates' line its step gets 2 CPUs (1 per task) on the
 versions, with it 4."""
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import subprocess
 import time
@@ -17,13 +15,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_localcluster():
-    spec = importlib.util.spec_from_file_location("compressseg_localcluster_4cpu", ROOT / "slurm" / "localcluster.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
@@ -33,24 +24,6 @@ def _template_line() -> str:
              if line.startswith("export SRUN_CPUS_PER_TASK")}
     assert len(lines) == 1, f"the templates disagree on SRUN_CPUS_PER_TASK: {lines}"
     return lines.pop()
-
-
-@pytest.fixture(scope="module")
-def four_cpu_node(tmp_path_factory):
-    localcluster = load_localcluster()
-    must_run = os.environ.get("CI", "").lower() == "true" and os.geteuid() == 0
-    root = tmp_path_factory.mktemp("slurm_4cpu")
-    reason = localcluster.ensure_installed(log=root / "apt.log")
-    if reason:
-        (pytest.fail if must_run else pytest.skip)(f"no local SLURM cluster: {reason}")
-    cluster = localcluster.LocalCluster(root, nodes=1, cpus_per_node=4)
-    try:
-        cluster.start()
-    except Exception as exc:  # noqa: BLE001
-        cluster.stop()
-        (pytest.fail if must_run else pytest.skip)(f"local SLURM cluster did not start: {exc}")
-    yield cluster
-    cluster.stop()
 
 
 def _step_cpus(cluster, tmp_path: Path, name: str, export: str) -> int:
