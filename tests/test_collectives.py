@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lazy_device import lazy_device
 from tinydata import TinySegDataModule
 from trainer import collectives
 from trainer.callbacks.prune import PruneRetrain
@@ -27,15 +28,10 @@ TESTS = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def lazy() -> torch.device:
-    try:
-        import torch._lazy
-        import torch._lazy.ts_backend
-
-        torch._lazy.ts_backend.init()
-        torch.ones(1).to("lazy").cpu()
-    except Exception as exc:  # noqa: BLE001 - a torch build without the lazy backend
-        pytest.skip(f"torch's lazy device is unavailable: {exc}")
-    return torch.device("lazy", 0)
+    device = lazy_device()
+    if device is None:
+        pytest.skip("this torch build has no lazy device")
+    return device
 
 
 class StrictComm:

@@ -77,13 +77,9 @@ def test_adapter_follows_a_pruning_plan():
 def test_a_resized_identity_adapter_lands_where_the_student_trains():
     """An identity adapter has no parameter to tell its device: the conv replacing it after a
     pruning round was built on the CPU in fp32, next to a student on a GPU (or in bf16)."""
-    try:
-        import torch._lazy.ts_backend
+    from lazy_device import lazy_device
 
-        torch._lazy.ts_backend.init()
-        device = torch.device("lazy", 0)  # a second device on a CPU-only machine
-    except Exception:  # noqa: BLE001 - torch built without the lazy backend
-        device = torch.device("cpu")
+    device = lazy_device() or torch.device("cpu")  # a second device on a CPU-only machine
     keep = [1, 2, 5, 6]
     selector = resized_adapter(nn.Identity(), 2, keep, 4, 8, device=device, dtype=torch.bfloat16)
     assert selector.weight.device == device and selector.weight.dtype == torch.bfloat16
