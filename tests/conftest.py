@@ -71,3 +71,13 @@ def readonly_dir(tmp_path):
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests skip, with the reason, where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    reason = f"needs CUDA: torch {torch.__version__} sees no CUDA device"
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+SW_BATCH_SIZE = 2  # windows per forward call
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, list[slice]]:
@@ -36,7 +37,7 @@ def predict_logits(
     roi_size: Sequence[int] | None = None,
     overlap: float = 0.5,
     divisor: int = 16,
-    sw_batch_size: int = 2,
+    sw_batch_size: int = SW_BATCH_SIZE,
 ) -> torch.Tensor:
     """Logits for a whole image ``[B, C, *S]``.
 

@@ -7,6 +7,7 @@ whole slices (2D) or by sliding window over whole volumes (3D) through
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
@@ -16,12 +17,14 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 from torchmetrics.segmentation import DiceScore
 
+from trainer import host_copy
 from trainer.checkpointing import load_checkpoint
 from trainer.errors import UserError
-from trainer.inference import predict_logits
+from trainer.inference import SW_BATCH_SIZE, predict_logits
 from trainer.losses import DiceCE
 from trainer.protocols import LossContributor
 from trainer.structure import CHECKPOINT_KEY, history, replay
+from trainer.zero3_eval import EvenForwards, forward_passes, is_phantom, through_engine
 
 
 def load_net_from_checkpoint(net: nn.Module, path: str) -> None:
@@ -47,6 +50,11 @@ def _net_classes(net: nn.Module) -> int:
             return getattr(net, attr)
     raise UserError(f"model.num_classes is not set and {type(net).__name__} has no num_classes/out_channels attribute; "
                     "set model.num_classes (classes including background)")
+
+
+# SegmentationModule.on_before_batch_transfer is meant to run alongside any datamodule (which
+# defines no such hook); Lightning warns about that combination on every fit.
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 def _adamw(params):
@@ -196,18 +204,30 @@ class SegmentationModule(pl.LightningModule):
                         f"cases {cases} (or another rank's batch); stopped before this step's update, no checkpoint "
                         f"written for it; {cause}")
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # the labelled flags and dataset keys, read on the CPU later without a host sync
+        return host_copy.remember(batch)
+
     def supervised_loss(self, outputs, batch: dict[str, Any]) -> torch.Tensor:
         """``self.loss`` over the batch's labelled samples. Unlabelled samples (there for
         distillation) carry placeholder labels and are left out; a batch of only unlabelled
-        samples gives a zero that still touches every output, so DDP sees every parameter used."""
+        samples gives a zero that still touches every output, so DDP sees every parameter used.
+
+        Which samples are labelled is read from the batch's host copy (no GPU sync per step)
+        and the labelled ones are selected by index (boolean-mask indexing would sync too)."""
         labelled = batch.get("labelled")
-        if labelled is None or bool(labelled.all()):
+        if labelled is None:
+            return self.loss(outputs, batch["label"])
+        host = host_copy.of(batch)
+        flags = host.labelled if host is not None and host.labelled is not None else labelled.tolist()
+        if all(flags):
             return self.loss(outputs, batch["label"])
         many = isinstance(outputs, (list, tuple))
-        if not bool(labelled.any()):
+        if not any(flags):
             return sum(o.sum() for o in (outputs if many else [outputs])) * 0.0
-        keep = labelled.to(batch["label"].device)
-        return self.loss([o[keep] for o in outputs] if many else outputs[keep], batch["label"][keep])
+        keep = torch.tensor([i for i, f in enumerate(flags) if f], dtype=torch.long).to(batch["label"].device, non_blocking=True)
+        pick = lambda t: t.index_select(0, keep)  # noqa: E731
+        return self.loss([pick(o) for o in outputs] if many else pick(outputs), pick(batch["label"]))
 
     def _check_output(self, outputs, batch) -> None:
         main = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
@@ -223,12 +243,29 @@ class SegmentationModule(pl.LightningModule):
         """Logits for whole slices or volumes (sliding window when ``roi_size`` is set)."""
         return predict_logits(self.net, image, self.roi_size, self.sw_overlap, self.divisor)
 
-    def _eval_step(self, batch: dict[str, Any], metric: DiceScore, prefix: str) -> None:
-        logits = self.predict_full(batch["image"])
+    def _eval_step(self, batch: dict[str, Any], metric: DiceScore, prefix: str, batch_idx: int = 0) -> None:
+        if EvenForwards.needed(self.net, self._trainer):
+            logits = self._even_forwards_step(batch["image"], batch_idx)
+        else:
+            logits = self.predict_full(batch["image"])
         self._check_output(logits, batch)
         metric.update(logits.argmax(1), batch["label"])
         loss = self.loss(logits, batch["label"])
         self.log(f"{prefix}/loss", loss, batch_size=batch["image"].shape[0], sync_dist=True)
+
+    def _even_forwards_step(self, image: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """``predict_full`` in lockstep with the other ranks: under DeepSpeed ZeRO-3 every
+        forward pass is a collective (see :mod:`trainer.zero3_eval`)."""
+        trainer = self.trainer
+        counts = (trainer.num_sanity_val_batches if trainer.sanity_checking else
+                  trainer.num_test_batches if trainer.testing else trainer.num_val_batches)
+        if getattr(self, "_even", None) is None or batch_idx == 0:
+            self._even = EvenForwards(self.net, image, self.roi_size or [self.divisor] * (image.dim() - 2))
+        passes = forward_passes(image.shape, self.roi_size, self.sw_overlap, SW_BATCH_SIZE)
+        run = lambda fn: predict_logits(fn, image, self.roi_size, self.sw_overlap, self.divisor)  # noqa: E731
+        method = "test_step" if trainer.testing else "validation_step"
+        step = lambda phantom: through_engine(trainer.strategy.model, self, method, phantom, batch_idx)  # noqa: E731
+        return self._even.batch(trainer, batch_idx, int(counts[0]), passes, run, step)
 
     def _eval_epoch_end(self, metric: DiceScore, prefix: str) -> None:
         # foreground classes, NaN where never present; torchmetrics returns a 0-d tensor when
@@ -241,13 +278,17 @@ class SegmentationModule(pl.LightningModule):
         self.log(f"{prefix}/dice", torch.nanmean(per_class), prog_bar=True, sync_dist=False)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_dice, "val")
+        if is_phantom(batch):  # ZeRO-3 lockstep for a rank out of batches (trainer/zero3_eval.py)
+            return self._even.phantom_round(self.trainer)
+        self._eval_step(batch, self.val_dice, "val", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end(self.val_dice, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_dice, "test")
+        if is_phantom(batch):
+            return self._even.phantom_round(self.trainer)
+        self._eval_step(batch, self.test_dice, "test", batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end(self.test_dice, "test")

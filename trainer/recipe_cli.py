@@ -113,7 +113,14 @@ class RecipeCLI(LightningCLI):
                 raise UserError(f"--ckpt_path {value} does not exist")
             cfg["ckpt_path"] = resolve_resume_path(self.trainer, value)
 
-    before_fit = before_validate = before_test = _resolve_ckpt_path
+    def before_fit(self) -> None:
+        # a SLURM job given GPUs must not quietly train on the CPU (trainer/accelerator_guard.py)
+        from trainer.accelerator_guard import check_trainer
+
+        check_trainer(self.trainer)
+        self._resolve_ckpt_path()
+
+    before_validate = before_test = _resolve_ckpt_path
 
     def after_fit(self) -> None:
         # Pipelines need to know whether fit ran to its end or stopped early (requeue, kill):

@@ -21,6 +21,8 @@ from trainer.module import SegmentationModule
 from trainer.structure import CHECKPOINT_KEY
 from trainer.trust import check_tree
 
+TRAINING_ONLY_PREFIXES = ("distill_adapters.",)  # trainer.distill.features.Adapters.ATTR
+
 
 @dataclass
 class RestoredRun:
@@ -115,7 +117,11 @@ def _build_module(path: Path, ckpt: dict[str, Any]) -> SegmentationModule:
     except Exception as exc:  # jsonargparse reports bad class paths/arguments
         raise UserError(f"{path}: cannot rebuild the model from its hyper_parameters: {' '.join(str(exc).split())[:300]}") from None
     module.on_load_checkpoint(ckpt)  # replays pruning/QAT structure
-    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    # A consolidated DeepSpeed ZeRO directory names every parameter its optimizer held,
+    # distillation adapters included; they are training state of the Distillation callback
+    # (saved in its own section), not part of the model.
+    weights = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    missing, unexpected = module.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise UserError(
             f"{path}: weights do not match the rebuilt {type(module.net).__name__} "

@@ -37,6 +37,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as _StockDeepSpeedStrategy
 from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 
+from trainer.accelerator_guard import check_cpu_training
 from trainer.checkpointing import ZERO_COMPLETE, ZERO_WRITING
 from trainer.errors import UserError
 
@@ -58,7 +59,9 @@ class DeepSpeedZeroStrategy(_StockDeepSpeedStrategy):
         cpu_fallback: run on CPU (DeepSpeed's CPU accelerator, gloo) when the trainer's
             accelerator is CPU, instead of failing. Default False; the recipe fragments set it.
             Relies on private Lightning methods (see module docstring); meant for tests and
-            CPU-only machines, not for speed.
+            CPU-only machines, not for speed. Inside a SLURM job given GPUs it refuses (CUDA is
+            broken there, see ``trainer.accelerator_guard``) unless ``COMPRESSSEG_ALLOW_CPU=1``;
+            on a machine with NVIDIA GPUs it warns.
         force_ds_cpu_optimizer: DeepSpeed's ``zero_force_ds_cpu_optimizer``. With
             ``offload_optimizer`` DeepSpeed insists on ``DeepSpeedCPUAdam`` unless this is
             False; False lets a recipe's torch optimizer run offloaded (slower step, same
@@ -83,6 +86,9 @@ class DeepSpeedZeroStrategy(_StockDeepSpeedStrategy):
     def setup_environment(self) -> None:
         if not self.on_cpu:
             return super().setup_environment()
+        # cpu_fallback is for machines without GPUs; where GPUs were meant to be used (a SLURM
+        # GPU job) a broken CUDA install must fail, not train on the CPU
+        check_cpu_training("DeepSpeedZeroStrategy(cpu_fallback=True)")
         _prepare_deepspeed_for_cpu()
         # (1) what the stock method runs after its CUDA check
         DDPStrategy.setup_environment(self)

@@ -255,3 +255,30 @@ def test_recipe_smoke(tmp_path):
     qat = next(cb for cb in cli.trainer.callbacks if isinstance(cb, QuantizationAwareTraining))
     assert qat.calibrated and qat.calibration == "percentile" and qat.freeze_bn_epoch == 2
     assert isinstance(cli.model.net.encoders[0][0], QuantLayer)
+
+
+# ---------------------------------------------------------------- strategies
+class DeepSpeedZeroStrategyStub:
+    def __init__(self, stage: int):
+        self.config = {"zero_optimization": {"stage": stage}}
+
+
+class FSDPStrategyStub:
+    pass
+
+
+@pytest.mark.parametrize("strategy, kwargs, message", [
+    (DeepSpeedZeroStrategyStub(3), {"start_epoch": 2}, r"start_epoch=2 is refused under .* \(ZeRO stage 3\): ZeRO-3"),
+    (DeepSpeedZeroStrategyStub(2), {"learnable_scales": True}, "0-dim parameter, and DeepSpeed's engine fails"),
+    (FSDPStrategyStub(), {}, "refused under FSDPStrategyStub"),
+])
+def test_strategies_that_cannot_follow_are_refused_before_training(strategy, kwargs, message):
+    trainer = types.SimpleNamespace(strategy=strategy)
+    with pytest.raises(UserError, match=f"QuantizationAwareTraining: .*{message}"):
+        QuantizationAwareTraining(**kwargs).setup(trainer, types.SimpleNamespace(net=_unet()), "fit")
+
+
+def test_what_deepspeed_can_follow_is_accepted():
+    for stage, kwargs in [(3, {}), (2, {"start_epoch": 2}), (1, {"freeze_ranges_epoch": 1})]:
+        trainer = types.SimpleNamespace(strategy=DeepSpeedZeroStrategyStub(stage))
+        QuantizationAwareTraining(**kwargs).setup(trainer, types.SimpleNamespace(net=_unet()), "fit")

@@ -145,6 +145,24 @@ def test_misaligned_replay_is_detected(tmp_path):
         offline.teacher_targets(_student(), next(iter(loader)))
 
 
+def test_replay_reads_keys_and_labels_from_the_host_copy(tmp_path):
+    """Keys and labels of the batch come from its host copy (SegmentationModule stores one
+    before the batch moves to the GPU): the replay, meant to overlap the student's forward
+    pass, reads nothing off the device (each read would be a host sync)."""
+    from sync_trap import SyncTrap
+    from trainer import host_copy
+
+    cache, _, _ = _make_cache(tmp_path)
+    dm = phantom_datamodule(tmp_path)
+    loader = dm.make_dataloader("train", epoch=0)
+    offline = _setup(Distillation(cache=str(cache)), dm, loader, 0, _student())
+    batch = host_copy.remember(next(iter(loader)))
+    on_device = {k: v.as_subclass(SyncTrap) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    got, _, valid = offline.teacher_targets(_student(), on_device)
+    want, _, want_valid = offline.teacher_targets(_student(), {k: v for k, v in batch.items() if k != host_copy.KEY})
+    assert torch.equal(got.as_subclass(torch.Tensor), want) and torch.equal(valid.as_subclass(torch.Tensor), want_valid)
+
+
 def test_cache_from_another_dataset_or_teacher_is_refused(tmp_path):
     cache, teacher, init_args = _make_cache(tmp_path)
     other_data = phantom_datamodule(tmp_path / "x", generate={"cases": 6, "shape": [4, 48, 48], "seed": 1})

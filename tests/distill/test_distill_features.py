@@ -72,3 +72,17 @@ def test_adapter_follows_a_pruning_plan():
     selector = resized_adapter(nn.Identity(), 2, keep, 4, 8)  # was identity (8 == 8 channels)
     x = torch.randn(1, 8, 3, 3)
     assert torch.allclose(selector(x[:, keep]), x * torch.isin(torch.arange(8), torch.tensor(keep)).view(1, 8, 1, 1))
+
+
+def test_a_resized_identity_adapter_lands_where_the_student_trains():
+    """An identity adapter has no parameter to tell its device: the conv replacing it after a
+    pruning round was built on the CPU in fp32, next to a student on a GPU (or in bf16)."""
+    from lazy_device import lazy_device
+
+    device = lazy_device() or torch.device("cpu")  # a second device on a CPU-only machine
+    keep = [1, 2, 5, 6]
+    selector = resized_adapter(nn.Identity(), 2, keep, 4, 8, device=device, dtype=torch.bfloat16)
+    assert selector.weight.device == device and selector.weight.dtype == torch.bfloat16
+    x = torch.randn(1, 8, 3, 3)
+    got = selector(x[:, keep].to(device, torch.bfloat16)).cpu().float()
+    torch.testing.assert_close(got, (x * torch.isin(torch.arange(8), torch.tensor(keep)).view(1, 8, 1, 1)).bfloat16().float())

@@ -55,6 +55,39 @@ def scenarios(out: Path) -> dict[str, tuple[dict, list[str]]]:
         "zero3_bf16_accum": (dict(parity, precision="bf16-mixed", accumulate=2), zero(3)),
         # a frozen teacher held by the distillation callback, student under ZeRO-3
         "zero3_distill": (dict(parity, callbacks=distill), zero(3)),
+        **gpu_path_scenarios(out, tiny, zero, ddp),
+    }
+
+
+def gpu_path_scenarios(out: Path, tiny: dict, zero, ddp: list[str]) -> dict[str, tuple[dict, list[str]]]:
+    """What a first multi-GPU run would have broken, run on CPU ranks over gloo
+    (tests/distributed/test_dist_gpu_paths.py; ``OUT/teacher.ckpt`` is written by the test).
+    DeepSpeed's bf16 casts the student's parameters and inputs to bf16 (16-mixed on GPUs does
+    the same in fp16, which DeepSpeed refuses on CPUs)."""
+    teacher = str(out / "teacher.ckpt")
+    distill = {"class_path": "trainer.callbacks.distill.Distillation",
+               "init_args": {"teacher": teacher, "kd_weight": 1.0,
+                             "features": [{"student": "decoders.0", "teacher": "decoders.0", "weight": 1.0}]}}
+    qat = lambda **kw: {"class_path": "trainer.callbacks.qat.QuantizationAwareTraining",  # noqa: E731
+                        "init_args": {"calib_batches": 1, "calibration": "max", **kw}}
+    prune = lambda **kw: {"class_path": "trainer.callbacks.prune.PruneRetrain", "init_args": kw}  # noqa: E731
+    unet = dict(tiny, net="unet_instance", batch_dice=False)
+    zero3_ckpt = out / "zero3_bf16_distill_qat" / "checkpoints" / "step=0003.ckpt"
+    uneven = dict(unet, val_every=2, max_steps=4, precision="bf16-mixed")
+    return {
+        "zero2_bf16_distill_qat": (dict(unet, precision="bf16-mixed", callbacks=[qat(), distill]), zero(2)),
+        "zero3_bf16_distill_qat": (dict(unet, precision="bf16-mixed", ckpt_every=1, keep=-1,
+                                        callbacks=[qat(), distill]), zero(3)),
+        "zero3_bf16_distill_qat_resumed": (dict(unet, precision="bf16-mixed", callbacks=[qat(), distill]),
+                                           zero(3) + ["--ckpt_path", str(zero3_ckpt)]),
+        "zero2_bf16_unstructured": (dict(unet, precision="bf16-mixed", callbacks=[prune(
+            method="unstructured", target_ratio=0.5, rounds=2, epochs_per_round=1, report_dir=str(out / "prune"))]),
+            zero(2)),
+        "ddp_taylor_setup_round": (dict(unet, callbacks=[prune(target_ratio=0.5, rounds=1, importance="taylor",
+                                                              taylor_batches=1, report_dir=str(out / "prune"))]), ddp),
+        "ddp_lsq_frozen": (dict(unet, callbacks=[qat(learnable_scales=True, freeze_ranges_epoch=1)]), ddp),
+        # last: a regression would hang every scenario after it
+        "zero3_uneven_eval": (dict(uneven, data="uneven_val"), zero(3) + ["--model.roi_size", "[16, 16]"]),
     }
 
 

@@ -55,6 +55,26 @@ class ResumableTinySeg(TinySegDataModule):
         return StatefulDataLoader(self.val_items, batch_size=2, sampler=sampler)
 
 
+class UnevenValTinySeg(ResumableTinySeg):
+    """Validation as the real datamodules shard it (contiguous blocks, nothing duplicated), with
+    images of different sizes: ranks get different numbers of batches, and a sliding window
+    needs a different number of forward passes per image (``val_sizes``, batch 1)."""
+
+    def __init__(self, *args: Any, val_sizes: tuple[int, ...] = (16, 24, 40), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        from tinydata import make_sample
+
+        self.val_items = [make_sample(20_000 + i, 2, size, 3) for i, size in enumerate(val_sizes)]
+
+    def val_dataloader(self):
+        trainer = self.trainer
+        if trainer is None:
+            return super().val_dataloader()
+        n, world, rank = len(self.val_items), trainer.world_size, trainer.global_rank
+        items = self.val_items[rank * n // world:(rank + 1) * n // world]
+        return StatefulDataLoader(items, batch_size=1)
+
+
 class DropoutNet(nn.Module):
     """conv-instance norm-ReLU-dropout-conv: per-sample norm, and a training step that draws
     from the global RNG (so RNG state matters for exact resume)."""
@@ -164,7 +184,7 @@ def recipe(run_dir: Path, *, devices: int = 1, precision: str = "32-true", max_s
            accumulate: int = 1, net: str = "dropout", batch_size: int = 2, n_train: int = 8,
            val_every: int | None = 4, callbacks: list[dict] | None = None, strategy: Any = None,
            keep: int = 3, sync_batchnorm: bool = False, batch_dice: bool = True, ckpt_every: int = 1,
-           shuffle: bool = True) -> dict:
+           shuffle: bool = True, data: str = "resumable") -> dict:
     """A tiny fit recipe whose checkpoints go to ``run_dir/checkpoints`` every ``ckpt_every``
     steps (the ``keep`` newest kept, plus ``last.ckpt``)."""
     nets = {
@@ -208,7 +228,7 @@ def recipe(run_dir: Path, *, devices: int = 1, precision: str = "32-true", max_s
             "loss": {"class_path": "trainer.losses.DiceCE", "init_args": {"batch_dice": batch_dice}},
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
         },
-        "data": {"class_path": "scale_kit.ResumableTinySeg",
+        "data": {"class_path": {"resumable": "scale_kit.ResumableTinySeg", "uneven_val": "scale_kit.UnevenValTinySeg"}[data],
                  "init_args": {"size": 16, "n_train": n_train, "n_val": 4, "batch_size": batch_size,
                                "shuffle": shuffle}},
     }
@@ -251,6 +271,26 @@ def launch(args: list[str], env: dict[str, str], timeout: float = 300, check: bo
     if check and proc.returncode != 0:
         raise AssertionError(f"launch.py {' '.join(args)} exited {proc.returncode}:\n{out[-4000:]}")
     return done
+
+
+def run_driver(out: Path, scenarios: list[str], timeout: float = 600) -> int:
+    """Run ``dist_driver.py OUT SCENARIO...`` on 2 ranks (torchrun); its output goes to
+    ``OUT/driver.log``. Returns the exit status (-9 after a timeout: a scenario hung)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(KIT / "dist_driver.py"), str(out), *scenarios]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env_with_kit(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        log, _ = proc.communicate()
+        log, code = log + f"\n[timed out after {timeout}s: a scenario hung]", -9
+    finally:
+        kill_group(proc.pid)
+    (out / "driver.log").write_text(log)
+    return code
 
 
 def kill_group(pgid: int) -> None:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,16 +37,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def driver_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist_driver")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(kit.KIT / "dist_driver.py"), str(out), *SCENARIOS]
-    proc = subprocess.Popen(cmd, cwd=kit.ROOT, env=kit.env_with_kit(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=600)
-    finally:
-        kit.kill_group(proc.pid)
-    (out / "driver.log").write_text(log)
-    assert proc.returncode == 0, log[-4000:]
+    code = kit.run_driver(out, SCENARIOS, timeout=600)
+    assert code == 0, (out / "driver.log").read_text()[-4000:]
     return out
 
 

@@ -227,3 +227,19 @@ def test_out_under_a_file_and_out_that_is_a_file(tmp_path, net2d, data2d, meta2d
     with pytest.raises(UserError, match="exists and is not a directory"):
         export_artifact(net2d, "onnx", tmp_path / "afile", data2d["val"], meta2d)
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_onnx_fp16_of_a_quantized_net_is_refused_naming_the_formats_that_fit(tmp_path, net2d, data2d, meta2d):
+    """Converting Q/DQ nodes to FP16 gave a graph onnxruntime would not load (found by
+    benchmarks/gpu_check.py exporting a QAT checkpoint); now one line says what to use."""
+    import copy
+
+    from trainer.quant.calibrate import calibrate
+    from trainer.quant.convert import quantize_net
+
+    qat = copy.deepcopy(net2d)
+    quantize_net(qat)
+    calibrate(qat, [b["image"] for b in data2d["val"]], "max")
+    with pytest.raises(UserError, match=r"onnx-fp16: UNet is quantized .* onnx-qdq, onnx-int8-cpu or tensorrt"):
+        export_artifact(qat.eval(), "onnx-fp16", tmp_path / "out", data2d["val"], meta2d)
+    assert list(tmp_path.iterdir()) == []

@@ -178,3 +178,19 @@ def test_taylor_with_the_module_loss_ignores_unlabelled_samples():
         assert (a is None) == (b.grad is None)
         assert a is None or torch.allclose(a, b.grad, atol=1e-6)
     assert any(g is not None and g.abs().sum() > 0 for g in got)
+
+
+def test_a_round_pruned_under_sync_batchnorm_replays_on_batchnorm():
+    """``trainer.sync_batchnorm`` swaps BatchNorm2d for SyncBatchNorm inside DDP, so a round
+    pruned mid-run records SyncBatchNorm; resume and export rebuild the net with BatchNorm2d
+    and must replay that plan (the replay compared class names and refused it)."""
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(tiny_unet(dims=2, norm="batch"))
+    net.eval()  # SyncBatchNorm needs a process group only to train
+    plan = prune_channels(net, 0.5, importance="l1")
+    assert any(entry["type"] == "SyncBatchNorm" for entry in plan["layers"].values())
+    fresh = tiny_unet(dims=2, norm="batch")
+    apply_plan(fresh, plan)
+    assert conv_out_channels(fresh) == conv_out_channels(net)
+    with pytest.raises(UserError, match="is Conv2d, the history expects BatchNorm2d"):
+        bad = {**plan, "layers": {next(iter(plan["layers"])): {**next(iter(plan["layers"].values())), "type": "BatchNorm2d"}}}
+        apply_plan(tiny_unet(dims=2, norm="batch"), bad)

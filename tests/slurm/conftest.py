@@ -21,16 +21,14 @@ def load_localcluster():
     return module
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
+def _cluster(root: Path, **kwargs):
+    """A started LocalCluster under ``root`` (generator: stopped after), or skip/fail."""
     localcluster = load_localcluster()
     must_run = os.environ.get("CI", "").lower() == "true" and os.geteuid() == 0
-    root = tmp_path_factory.mktemp("slurm_cluster")
     reason = localcluster.ensure_installed(log=root / "apt.log")
     if reason:
         (pytest.fail if must_run else pytest.skip)(f"no local SLURM cluster: {reason}")
-    # 8 CPUs a node (more than the machine has: config_overrides) so a module's jobs run side by side
-    cluster = localcluster.LocalCluster(root, cpus_per_node=8)
+    cluster = localcluster.LocalCluster(root, **kwargs)
     try:
         cluster.start()
     except Exception as exc:  # noqa: BLE001 - any start failure means: no cluster here
@@ -38,3 +36,15 @@ def slurm_cluster(tmp_path_factory):
         (pytest.fail if must_run else pytest.skip)(f"local SLURM cluster did not start: {exc}")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    # 8 CPUs a node (more than the machine has: config_overrides) so a module's jobs run side by side
+    yield from _cluster(tmp_path_factory.mktemp("slurm_cluster"), cpus_per_node=8)
+
+
+@pytest.fixture(scope="module")
+def four_cpu_node(tmp_path_factory):
+    """A second, one-node cluster whose node has 4 CPUs (room for 2 tasks x 2 CPUs)."""
+    yield from _cluster(tmp_path_factory.mktemp("slurm_4cpu"), nodes=1, cpus_per_node=4)

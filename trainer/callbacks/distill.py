@@ -61,12 +61,15 @@ Offline mode (``cache``): teacher logits precomputed by ``launch.py distill-cach
 instead of running a teacher; see :mod:`trainer.distill.cache`. Only ``kd``/``kd_ds``/``cwd`` work
 offline (features are not cached).
 
-Precision: the teacher runs under the trainer's autocast (bf16-mixed speeds it up); every
-loss is computed in float32 with autocast off.
+Precision: the teacher runs under the trainer's autocast (bf16-mixed speeds it up). Where the
+batch arrives in half precision without autocast (DeepSpeed ``16-mixed``/``bf16-mixed`` cast the
+student and its inputs; so do ``*-true`` precisions), the fp32 teacher gets the batch in fp32
+under autocast of that half dtype. Adapters take the student's features in their own dtype.
+Every loss is computed in float32 with autocast off.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
@@ -79,6 +82,7 @@ from trainer.distill import losses
 from trainer.distill.features import Adapters, FeatureTap
 from trainer.distill.teacher import ENSEMBLE_MODES, TeacherEnsemble, load_teacher, main_output
 from trainer.errors import UserError
+from trainer.precision import as_input, low_precision, param_dtype
 from trainer.structure import history
 
 ADAPTERS_ATTR = Adapters.ATTR
@@ -131,6 +135,22 @@ def _as_terms(items, cls, prefix: str) -> list:
         term.name = term.name or f"{prefix}_{term.student.replace('.', '_')}"
         terms.append(term)
     return terms
+
+
+def _teacher_precision(image: torch.Tensor, teacher: nn.Module):
+    """Where the batch arrives in half precision without autocast (DeepSpeed ``*-mixed`` and
+    ``*-true`` precisions cast the student's inputs), run the float teacher under autocast in
+    that dtype: its convolutions as fast as the student's, its norms in fp32. Under AMP the
+    trainer's autocast is already on; elsewhere nothing changes."""
+    device = image.device.type
+    wanted = low_precision(image.dtype) and not low_precision(param_dtype(teacher))
+    if wanted and not torch.is_autocast_enabled(device) and _autocast_supports(device, image.dtype):
+        return torch.autocast(device_type=device, dtype=image.dtype)
+    return nullcontext()
+
+
+def _autocast_supports(device: str, dtype: torch.dtype) -> bool:
+    return device == "cuda" or (device == "cpu" and dtype == torch.bfloat16)
 
 
 @contextmanager
@@ -296,10 +316,13 @@ class Distillation(pl.Callback):
             from trainer.distill.cache import TeacherCache
 
             self.cache = TeacherCache.open_for_training(self.cache_path, trainer.datamodule, self.teacher_paths,
-                                                        self.temperature, self.ensemble)
+                                                        self.temperature, self.ensemble, trainer)
             self.teacher_infos = self.cache.teachers
             return
-        loaded = [load_teacher(p, self.teacher_class, self.teacher_init_args) for p in self.teacher_paths]
+        from trainer.distill.cache import shared_sha256
+
+        hasher = lambda p: shared_sha256(trainer, p)  # noqa: E731  (once per node, not per rank)
+        loaded = [load_teacher(p, self.teacher_class, self.teacher_init_args, hasher) for p in self.teacher_paths]
         self.teacher = TeacherEnsemble([net for net, _ in loaded], self.ensemble, self.temperature)
         self.teacher_infos = [info for _, info in loaded]
         rank_zero_info(f"Distillation: teacher(s) {[i['path'] for i in self.teacher_infos]}")
@@ -430,10 +453,10 @@ class Distillation(pl.Callback):
 
     def _run_teacher(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.teacher.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _teacher_precision(image, self.teacher):
             if self._teacher_tap:
                 self._teacher_tap.start()
-            logits = self.teacher(image)
+            logits = self.teacher(as_input(image, self.teacher, image.device))
             feats = self._teacher_tap.take() if self._teacher_tap else {}
         if self._teacher_tap:
             self._teacher_tap.stop()
@@ -454,7 +477,9 @@ class Distillation(pl.Callback):
             if isinstance(adapter, nn.Conv2d | nn.Conv3d) and student.shape[1] != adapter.in_channels:
                 raise UserError(f"Distillation: student layer {term.student!r} has {student.shape[1]} channels but "
                                 f"its adapter expects {adapter.in_channels}; did a technique resize it?")
-            terms[term.name] = term.weight * losses.feature_mse(adapter(student), t_feats[term.teacher])
+            # the adapter is trained with the student: half under DeepSpeed or a `*-true` precision
+            adapted = adapter(student.to(param_dtype(adapter)))
+            terms[term.name] = term.weight * losses.feature_mse(adapted, t_feats[term.teacher])
         for term in self.affinity:
             grid = term.grid or (16 if s_feats[term.student].dim() == 4 else 8)
             terms[term.name] = term.weight * losses.pairwise_affinity(s_feats[term.student], t_feats[term.teacher], grid)

@@ -47,11 +47,11 @@ Recipe::
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
 import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +61,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from trainer import collectives
 from trainer.errors import UserError
+from trainer.precision import batch_for, forward_context
 from trainer.prune import sparsity
 from trainer.prune.measure import measure
 from trainer.prune.rebuild import rebuild_optimizers, snapshot
@@ -229,12 +231,16 @@ class PruneRetrain(pl.Callback):
         resolve(net, list(self.layer_ratios), "PruneRetrain.layer_ratios")
         # A round due at epoch 0 prunes now: before the optimizer, DDP and later callbacks
         # (QAT converts in its setup) exist. On resume the checkpoint's history is replayed
-        # after setup instead.
+        # after setup instead. The module is still on the CPU here; the strategy would move it
+        # to its device next anyway, so move it first: the round's collectives then get the
+        # device NCCL needs and the Taylor batches run on the GPU.
         if not resuming and self.schedule.due(self.rounds_done, 0):
+            pl_module.to(collectives.comm_device(trainer))
             self._sync_from_rank0(trainer, net)
             self.prune_round(trainer, pl_module, optimizers_exist=False)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sparsity.match_mask_dtypes(self._net(pl_module))  # DeepSpeed casts parameters, not buffers
         if self.method == "structured":
             done = sum(e["converter"].endswith(".StructuredPrune") for e in history(self._net(pl_module)))
             if done < self.rounds_done:
@@ -303,6 +309,9 @@ class PruneRetrain(pl.Callback):
                     f"PruneRetrain: {self.method} pruning is refused under {kind} (ZeRO stage {stage}): it changes "
                     "parameters mid-run, which DeepSpeed's partitioned parameters/optimizer cannot follow; prune with "
                     "strategy ddp or one device, then fine-tune under DeepSpeed with init_from the pruned checkpoint")
+            if self.rewind_lr:
+                raise UserError(f"PruneRetrain: rewind_lr=true is refused under {kind}: the DeepSpeed engine owns the "
+                                "optimizer and cannot restart it mid-run; set rewind_lr: false or prune under ddp")
         if "FSDP" in kind or "ModelParallel" in kind:
             raise UserError(f"PruneRetrain: pruning is refused under {kind} (sharded, flattened parameters); "
                             "use strategy ddp or one device")
@@ -345,13 +354,13 @@ class PruneRetrain(pl.Callback):
         loss = getattr(pl_module, "supervised_loss", None)
         if not callable(loss):
             raise UserError(f"PruneRetrain: importance 'taylor' needs {type(pl_module).__name__}.supervised_loss(outputs, batch)")
-        device = next(net.parameters()).device
         rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
         try:  # the extra batches must not shift the run's random stream
-            batches = ({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-                       for b in itertools.islice(self._train_loader(trainer, pl_module), self.taylor_batches))
-            reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
-            n = taylor_gradients(net, batches, loss, reduce, self.taylor_accumulate)
+            # in the net's dtype (a `*-true` precision has cast it) and the trainer's autocast
+            batches = (batch_for(b, net) for b in itertools.islice(self._train_loader(trainer, pl_module), self.taylor_batches))
+            reduce = (lambda t: collectives.reduce(trainer, t, "sum")) if trainer.world_size > 1 else None
+            with forward_context(trainer) if trainer.optimizers else nullcontext():
+                n = taylor_gradients(net, batches, loss, reduce, self.taylor_accumulate)
         finally:
             torch.set_rng_state(rng[0])
             np.random.set_state(rng[1])
@@ -363,19 +372,10 @@ class PruneRetrain(pl.Callback):
     def _sync_from_rank0(trainer: pl.Trainer, net: nn.Module) -> None:
         """Before DDP exists (setup), ranks may hold different initial weights (no seed): give
         every rank rank 0's, so that all rank channels alike (DDP would broadcast them anyway)."""
-        if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            return
-        with torch.no_grad():
-            for tensor in net.state_dict().values():
-                torch.distributed.broadcast(tensor, src=0)
+        collectives.broadcast_(trainer, list(net.state_dict().values()), src=0)
 
     def _check_ranks_agree(self, trainer: pl.Trainer, plan: dict[str, Any]) -> None:
-        if trainer.world_size <= 1:
-            return
-        digest = hashlib.sha256(json.dumps(plan["layers"], sort_keys=True).encode()).hexdigest()
-        value = torch.tensor([int(digest[:15], 16)], dtype=torch.long, device=trainer.strategy.root_device)
-        gathered = trainer.strategy.all_gather(value)
-        if not bool((gathered == value).all()):
+        if not collectives.digest_agrees(trainer, json.dumps(plan["layers"], sort_keys=True)):
             raise UserError("PruneRetrain: ranks chose different channels to remove (their weights differ); "
                             "structured pruning under DDP needs identical weights on every rank")
 

@@ -50,7 +50,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from trainer import collectives
 from trainer.errors import UserError
+from trainer.precision import as_input, forward_context
 from trainer.quant.calibrate import METHODS, CalibrationReport, calibrate, quant_layers, set_weight_ranges
 from trainer.quant.fake_quant import WEIGHT_BITS, weight_qmax
 from trainer.quant.convert import (
@@ -162,6 +164,7 @@ class QuantizationAwareTraining(pl.Callback):
         if stage != "fit":
             return
         net = self._net(pl_module)
+        self._check_strategy(trainer)
         if is_quantized(net):
             # A second fit in the same process, or model.init_from a quantized (PTQ/QAT)
             # checkpoint: the scales are already there.
@@ -188,7 +191,7 @@ class QuantizationAwareTraining(pl.Callback):
         if not self.calibrated:
             self.report = self._calibrate(trainer, pl_module, net)
             self.calibrated = True
-        self._apply_schedule(trainer.current_epoch, net)
+        self._apply_schedule(trainer.current_epoch, net, trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self._net(pl_module)
@@ -196,7 +199,7 @@ class QuantizationAwareTraining(pl.Callback):
             if trainer.current_epoch < self.start_epoch:
                 return
             self._convert_mid_fit(trainer, pl_module, net)
-        self._apply_schedule(trainer.current_epoch, net)
+        self._apply_schedule(trainer.current_epoch, net, trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.bn_frozen:  # Lightning may have put the whole module back in train mode
@@ -252,6 +255,28 @@ class QuantizationAwareTraining(pl.Callback):
         rank_zero_info(f"QuantizationAwareTraining: quantized {len(state['layers'])} layers at the start of "
                        f"epoch {trainer.current_epoch}")
 
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        """Refuse, before any training, what a sharded strategy cannot follow (pruning has the same check)."""
+        strategy = getattr(trainer, "strategy", None)
+        kind = type(strategy).__name__
+        if "FSDP" in kind or "ModelParallel" in kind:
+            raise UserError(f"QuantizationAwareTraining: refused under {kind} (sharded, flattened parameters); "
+                            "use strategy ddp or DeepSpeed")
+        if "DeepSpeed" not in kind:
+            return
+        if self.learnable_scales:
+            # found running ZeRO-2/3 on two CPU ranks: the engine broadcasts every parameter as
+            # bytes (``p.data.view(torch.uint8)``), which a 0-dim tensor cannot be
+            raise UserError(f"QuantizationAwareTraining: learnable_scales is refused under {kind}: a learnable "
+                            "per-tensor scale is a 0-dim parameter, and DeepSpeed's engine fails to broadcast those "
+                            "at start-up (\"self.dim() cannot be 0 to view ... as Byte\"); use learnable_scales: "
+                            "false (the default) under DeepSpeed, or strategy ddp")
+        stage = ((getattr(strategy, "config", None) or {}).get("zero_optimization") or {}).get("stage", 0)
+        if self.start_epoch > 0 and stage == 3:
+            raise UserError(f"QuantizationAwareTraining: start_epoch={self.start_epoch} is refused under {kind} "
+                            f"(ZeRO stage 3): ZeRO-3 partitions the weights the conversion sizes its quantizers "
+                            "from; use start_epoch: 0 (conversion before the engine exists), or strategy ddp")
+
     @staticmethod
     def _net(pl_module: pl.LightningModule) -> nn.Module:
         net = getattr(pl_module, "net", None)
@@ -279,13 +304,16 @@ class QuantizationAwareTraining(pl.Callback):
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, net: nn.Module) -> CalibrationReport:
         source = trainer.datamodule if trainer.datamodule is not None else pl_module
         loader = source.train_dataloader()
-        images = (_image(b).to(pl_module.device) for b in itertools.islice(loader, self.calib_batches))
-        report = calibrate(net, images, self.calibration, self.percentile, self.histogram_bins, train_mode=True)
+        # in the dtype the net holds now (DeepSpeed *-mixed and *-true precisions cast it to half)
+        # and under the trainer's autocast, as the training step will feed it
+        images = (as_input(_image(b), net, pl_module.device) for b in itertools.islice(loader, self.calib_batches))
+        with forward_context(trainer):
+            report = calibrate(net, images, self.calibration, self.percentile, self.histogram_bins, train_mode=True)
         if trainer.world_size > 1:  # every rank calibrated on its own batches: use the mean scale
             for layer in quant_layers(net).values():
                 scale = layer.input_quant.scale
                 with torch.no_grad():
-                    scale.copy_(trainer.strategy.reduce(scale.detach().clone(), reduce_op="mean"))
+                    scale.copy_(collectives.reduce(trainer, scale.detach().float(), "mean"))
         if report.unobserved:
             rank_zero_warn(f"QuantizationAwareTraining: no calibration batch reached {report.unobserved}; "
                            "they stay float until a checkpoint gives them scales")
@@ -293,7 +321,7 @@ class QuantizationAwareTraining(pl.Callback):
                        f"({self.calibration}) on {report.batches} batches")
         return report
 
-    def _apply_schedule(self, epoch: int, net: nn.Module) -> None:
+    def _apply_schedule(self, epoch: int, net: nn.Module, trainer: pl.Trainer | None = None) -> None:
         if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
             self.bn_frozen = True
         if self.freeze_ranges_epoch is not None and epoch >= self.freeze_ranges_epoch:
@@ -301,9 +329,28 @@ class QuantizationAwareTraining(pl.Callback):
         for layer in quant_layers(net).values():
             layer.input_quant.frozen = self.ranges_frozen
             layer.weight_quant.frozen = self.ranges_frozen
+        if self.ranges_frozen and self.learnable_scales:
+            self._stop_scale_gradients(trainer, net)
         if self.bn_frozen:
             _batchnorm_eval(net)
         self.schedule_epoch = epoch
+
+    def _stop_scale_gradients(self, trainer: pl.Trainer | None, net: nn.Module) -> None:
+        """Frozen learnable scales get no gradient any more. DDP (``find_unused_parameters:
+        false``) would then wait for their gradients and fail at the next step ("parameters
+        that were not used in producing loss"): take them out of autograd and wrap DDP anew
+        around the parameters that still train. The optimizer skips parameters without a
+        gradient, so it needs no rebuild."""
+        from trainer.prune.rebuild import rewrap_ddp
+
+        scales = [p for layer in quant_layers(net).values()
+                  for p in (layer.input_quant.scale, layer.weight_quant.scale) if isinstance(p, nn.Parameter)]
+        if not any(p.requires_grad for p in scales):
+            return
+        for p in scales:
+            p.requires_grad_(False)
+        if trainer is not None:
+            rewrap_ddp(trainer, trainer.lightning_module)
 
 
 def _batchnorm_eval(net: nn.Module) -> None:

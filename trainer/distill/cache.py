@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from trainer.distill.teacher import ENSEMBLE_MODES, TeacherEnsemble, load_teacher, sha256_file
+from trainer import collectives, host_copy
 from trainer.errors import UserError
 from trainer.inference import predict_logits
 
@@ -69,6 +70,12 @@ def _file_sha256(path: str) -> str:
     if key not in _HASHES:
         _HASHES[key] = sha256_file(path)
     return _HASHES[key]
+
+
+def shared_sha256(trainer: Any, path: str) -> str:
+    """sha256 of ``path``, hashed once per node of a multi-rank run and shared (see
+    :func:`trainer.collectives.node_local_result`); plain hashing without a trainer."""
+    return collectives.node_local_result(trainer, lambda: _file_sha256(path), f"file {path}")
 
 
 def dataset_fingerprint(datamodule: Any) -> dict[str, str]:
@@ -114,18 +121,21 @@ class TeacherCache:
 
     @classmethod
     def open_for_training(cls, path: str, datamodule: Any, teacher_paths: Sequence[str], temperature: float,
-                          ensemble: str) -> "TeacherCache":
+                          ensemble: str, trainer: Any = None) -> "TeacherCache":
         """Open ``path`` and refuse it if it was made from other data, another teacher, or
-        (for an averaged-probability ensemble) another temperature."""
+        (for an averaged-probability ensemble) another temperature. With a ``trainer`` of
+        several ranks, the dataset and teacher files are hashed once per node, not by every
+        rank (a multi-GB file read eight times over on an eight-GPU node)."""
         cache = cls(path)
-        data = dataset_fingerprint(datamodule)
+        data = json.loads(collectives.node_local_result(
+            trainer, lambda: json.dumps(dataset_fingerprint(datamodule)), f"dataset of teacher cache {path}"))
         if data["sha256"] != cache.dataset["sha256"]:
             raise UserError(
                 f"teacher cache {path} was made from dataset {cache.dataset['path']} (sha256 {cache.dataset['sha256'][:12]}) "
                 f"but training reads {data['path']} (sha256 {data['sha256'][:12]}); rebuild it with `launch.py distill-cache`"
             )
         if teacher_paths:
-            given = [sha256_file(p) if os.path.isfile(p) else f"missing file {p}" for p in teacher_paths]
+            given = [shared_sha256(trainer, p) if os.path.isfile(p) else f"missing file {p}" for p in teacher_paths]
             made = [t["sha256"] for t in cache.teachers]
             if given != made:
                 raise UserError(
@@ -178,9 +188,14 @@ class TeacherCache:
         replay = self._replay_for(trainer)
         epoch = int(trainer.current_epoch)
         logits, masks = [], []
-        for i, key in enumerate(batch["index"].tolist()):
+        # keys and labels from the batch's host copy: reading them off the GPU would wait for
+        # the student's forward pass this replay is meant to overlap
+        host = host_copy.of(batch)
+        keys = host.index if host is not None and host.index is not None else batch["index"].tolist()
+        labels = host.label if host is not None and host.label is not None else batch["label"].cpu()
+        for i, key in enumerate(keys):
             z, valid, label = replay(epoch, key)
-            if not torch.equal(label, batch["label"][i].cpu()):
+            if not torch.equal(label, labels[i]):
                 raise UserError(
                     f"teacher cache {self.path}: replaying the datamodule's crop/augmentation for sample {key} "
                     f"(case {batch['case'][i]!r}, epoch {epoch}) did not reproduce the batch's label; the training "
@@ -189,7 +204,7 @@ class TeacherCache:
             logits.append(z)
             masks.append(valid)
         device = batch["label"].device
-        return torch.stack(logits).to(device), torch.stack(masks).to(device)
+        return torch.stack(logits).to(device, non_blocking=True), torch.stack(masks).to(device, non_blocking=True)
 
     def _replay_for(self, trainer: Any) -> "PatchReplay":
         dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)

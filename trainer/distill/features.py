@@ -23,7 +23,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from trainer.collectives import gathered
 from trainer.errors import UserError
+from trainer.precision import param_dtype
 
 _LISTED = 24  # names shown in the "available" list of an error
 
@@ -202,19 +204,23 @@ def kept_output_channels(structure: list[dict], path: str, before: int, after: i
 
 
 def resized_adapter(adapter: nn.Module, spatial_dims: int, keep: list[int] | None, in_channels: int,
-                    out_channels: int) -> nn.Module:
+                    out_channels: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """The adapter for a student layer that now has ``in_channels`` (``keep``: which of the old
     input channels remain). Kept columns keep their learned weights; an identity adapter
-    becomes the 1x1 conv that selects the kept channels, so the loss is continuous."""
-    new = _CONV[int(spatial_dims)](in_channels, out_channels, kernel_size=1).to(_device_of(adapter))
+    becomes the 1x1 conv that selects the kept channels, so the loss is continuous.
+
+    ``device``/``dtype``: where the student trains (an identity adapter has no parameters to
+    tell: a new conv would land on the CPU, in fp32, next to a student on a GPU in bf16)."""
+    new = _CONV[int(spatial_dims)](in_channels, out_channels, kernel_size=1).to(
+        device=device or _device_of(adapter), dtype=dtype or param_dtype(adapter))
     if keep is None:
         return new
-    index = torch.tensor(keep, dtype=torch.long)
+    index = torch.tensor(keep, dtype=torch.long, device=new.weight.device)
     with torch.no_grad():
         if isinstance(adapter, nn.Identity):
             new.weight.zero_()
             new.bias.zero_()
-            new.weight[index, torch.arange(len(keep))] = 1.0
+            new.weight[index, torch.arange(len(keep), device=index.device)] = 1.0
         else:
             new.weight.copy_(adapter.weight.index_select(1, index.to(adapter.weight.device)))
             new.bias.copy_(adapter.bias)
@@ -258,9 +264,14 @@ class Adapters:
         self.modules = modules.to(_device_of(pl_module))
 
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The adapters' weights (on the CPU). Under ZeRO-3 their parameters are partitioned
+        (empty on every rank) and are gathered first: every rank calls this, as Lightning
+        collects callback states on every rank when it saves."""
         if self.modules is None:
             return {}
-        return {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in self.modules.items()}
+        with gathered(list(self.modules.parameters())):
+            return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                    for name, m in self.modules.items()}
 
     def load(self, saved: dict[str, dict[str, torch.Tensor]], optimizer_exists: bool) -> None:
         """Load saved weights; an adapter saved at another shape (its student layer was pruned
@@ -271,8 +282,13 @@ class Adapters:
                 continue
             current = self.modules[name]
             weight = state.get("weight")
-            if weight is not None and getattr(current, "weight", None) is not None and current.weight.shape == weight.shape:
-                current.load_state_dict(state)
+            have = getattr(current, "weight", None)
+            # ZeRO-3 (DeepSpeed restores after building its engine) partitions the parameters:
+            # their shape is ``ds_shape``, and they take values only while gathered
+            if weight is not None and have is not None and tuple(getattr(have, "ds_shape", have.shape)) == tuple(weight.shape):
+                with gathered(list(current.parameters()), modifier_rank=0), torch.no_grad():
+                    for key, value in state.items():
+                        getattr(current, key).copy_(value)
                 continue
             if optimizer_exists:
                 raise UserError(f"Distillation: adapter {name} in the checkpoint has another shape than the student's "
@@ -293,6 +309,7 @@ class Adapters:
         schedulers are rebuilt with their state carried over by the pruner's own
         ``trainer.prune.rebuild``."""
         changed = {}
+        device, dtype = _device_of(pl_module), param_dtype(pl_module)
         for name, (path, have) in widths.items():
             before, teacher_channels = self.channels[name]
             if have == before:
@@ -301,7 +318,8 @@ class Adapters:
             if keep is None:
                 warnings.warn(f"Distillation: student layer {path!r} changed from {before} to {have} channels with no "
                               f"pruning plan naming them; adapter {name} starts afresh", stacklevel=2)
-            changed[name] = (resized_adapter(self.modules[name], self.dims, keep, have, teacher_channels), before, keep)
+            new = resized_adapter(self.modules[name], self.dims, keep, have, teacher_channels, device, dtype)
+            changed[name] = (new, before, keep)
         if not changed:
             return
         from trainer.prune.rebuild import rebuild_optimizers, snapshot

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import math
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +45,16 @@ def main_output(out: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def load_teacher(path: str | Path, class_path: str | None = None,
-                 init_args: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, str]]:
+                 init_args: dict[str, Any] | None = None,
+                 hasher: Callable[[str], str] | None = None) -> tuple[nn.Module, dict[str, str]]:
     """Load and freeze one teacher; returns ``(net, {"path", "sha256", "class_path"})``.
 
     Args:
         path: a framework checkpoint (``class_path=None``) or a weights file.
         class_path: import path of the teacher's ``nn.Module`` class, for plain weights files.
         init_args: keyword arguments of that class.
+        hasher: ``path -> sha256`` (default: hash the file here); a training run passes one
+            that hashes once per node and shares the result with the other ranks.
     """
     path = Path(path)
     if problem := file_problem(path):
@@ -60,7 +63,7 @@ def load_teacher(path: str | Path, class_path: str | None = None,
         net = _from_framework_checkpoint(path)
     else:
         net = _from_class_path(path, class_path, init_args or {})
-    info = {"path": str(path), "sha256": sha256_file(path),
+    info = {"path": str(path), "sha256": (hasher or sha256_file)(str(path)),
             "class_path": class_path or f"{type(net).__module__}.{type(net).__qualname__}"}
     return freeze(net), info
 

@@ -18,6 +18,12 @@ point at the old objects and must be rebuilt, in this order:
 
 Unstructured masks keep the ``Parameter`` objects (``weight`` is renamed ``weight_orig``),
 so names are compared with the ``_orig`` suffix removed.
+
+Under DeepSpeed nothing can be rebuilt: the engine owns the optimizer (and, in ZeRO, its
+partitions of every parameter), and Lightning's ``DeepSpeedStrategy.setup_optimizers`` would
+leave the trainer with *no* optimizer. A change that keeps every trainable ``Parameter`` object
+and its shape (unstructured masks, QAT with fixed scales) needs no rebuild there and goes on;
+anything else is refused in one line naming the strategy.
 """
 from __future__ import annotations
 
@@ -44,11 +50,38 @@ class OptimizerSnapshot:
     param_state: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # per optimizer
     groups: list[list[dict[str, Any]]] = field(default_factory=list)  # hyper-parameters per group
     schedulers: list[dict[str, Any]] = field(default_factory=list)
+    trainable: dict[int, tuple[int, ...]] = field(default_factory=dict)  # id -> shape of trainable parameters
+
+
+def is_deepspeed(trainer: pl.Trainer) -> bool:
+    return "DeepSpeed" in type(trainer.strategy).__name__
+
+
+def _trainable(pl_module: pl.LightningModule) -> dict[int, tuple[int, ...]]:
+    return {id(p): tuple(getattr(p, "ds_shape", p.shape)) for p in pl_module.parameters() if p.requires_grad}
+
+
+def _check_deepspeed_can_follow(trainer, pl_module, before: OptimizerSnapshot, plan, rewind: bool) -> None:
+    kind = type(trainer.strategy).__name__
+    if rewind:
+        raise UserError(f"{kind}: the DeepSpeed engine owns the optimizer and cannot restart it mid-run (LR rewind); "
+                        "use strategy ddp for this run")
+    if plan is not None and plan.get("layers"):
+        raise UserError(f"{kind}: parameters changed shape mid-run ({', '.join(list(plan['layers'])[:3])}); DeepSpeed's "
+                        "engine cannot follow; use strategy ddp for this run")
+    now = _trainable(pl_module)
+    if now != before.trainable:
+        added = len(set(now) - set(before.trainable))
+        raise UserError(f"{kind}: the set of trainable parameters changed mid-run ({added} new, "
+                        f"{len(set(before.trainable) - set(now))} gone); DeepSpeed's engine cannot follow; "
+                        "make the change at epoch 0 (in setup) or use strategy ddp")
 
 
 def snapshot(trainer: pl.Trainer, pl_module: pl.LightningModule) -> OptimizerSnapshot:
     names = {id(p): _canonical(n) for n, p in pl_module.named_parameters()}
-    snap = OptimizerSnapshot()
+    snap = OptimizerSnapshot(trainable=_trainable(pl_module))
+    if is_deepspeed(trainer):  # nothing is rebuilt there (see module doc), only compared
+        return snap
     for opt in trainer.optimizers:
         per_param = {}
         for group in opt.param_groups:
@@ -123,6 +156,9 @@ def rebuild_optimizers(
         rewind: start optimizer and scheduler afresh at the recipe's initial LR.
         net_prefix: attribute path of the pruned network inside the module.
     """
+    if is_deepspeed(trainer):
+        _check_deepspeed_can_follow(trainer, pl_module, before, plan, rewind)
+        return
     rewrap_ddp(trainer, pl_module)
     trainer.strategy.setup_optimizers(trainer)
     _optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)

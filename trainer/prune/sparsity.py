@@ -97,6 +97,16 @@ def sparsify(net: nn.Module, ratio: float, protected: Sequence[str] = ()) -> dic
     return {"ratio": zeroed / total, "zeroed": zeroed, "total": total}
 
 
+def match_mask_dtypes(net: nn.Module) -> None:
+    """Give every mask its weight's dtype. DeepSpeed's ``*-mixed`` precision casts parameters
+    (``weight_orig``) to half but keeps buffers (``weight_mask``) in fp32, and ``orig * mask``
+    would then promote the weight back to fp32 under half inputs. 0 and 1 are exact in any dtype."""
+    for m in net.modules():
+        mask, orig = getattr(m, "weight_mask", None), getattr(m, "weight_orig", None)
+        if isinstance(mask, torch.Tensor) and isinstance(orig, torch.Tensor) and mask.dtype != orig.dtype:
+            m.weight_mask = mask.to(orig.dtype)
+
+
 def make_permanent(net: nn.Module) -> list[str]:
     """Fold every mask into its weight (``prune.remove``) and record it; returns the layers.
 

@@ -37,6 +37,7 @@ from torch_pruning import ops
 from torch_pruning.pruner import function as tpf
 
 from trainer.errors import UserError
+from trainer.precision import param_device, param_dtype
 from trainer.prune.schedule import check_ratio
 from trainer.structure import history
 
@@ -96,6 +97,16 @@ def torch_type(module: nn.Module) -> str:
     return type(module).__name__
 
 
+def same_kind(a: str, b: str) -> bool:
+    """Whether two recorded layer types are the same layer for replay. A BatchNorm is one kind
+    whatever its class: under ``trainer.sync_batchnorm`` Lightning swaps ``BatchNorm2d`` for
+    ``SyncBatchNorm`` inside DDP, so a round pruned mid-run records ``SyncBatchNorm`` while the
+    network rebuilt for resume or export holds ``BatchNorm2d`` again."""
+    def kind(name: str) -> str:
+        return "BatchNorm" if name == "SyncBatchNorm" or name.startswith("BatchNorm") else name
+    return kind(a) == kind(b)
+
+
 def module_names(net: nn.Module) -> list[str]:
     return [n for n, _ in net.named_modules() if n]
 
@@ -125,16 +136,17 @@ def example_input(net: nn.Module, shape: Sequence[int] | None = None) -> torch.T
     Batch 2 and twice the divisor keep BatchNorm's training-mode forward valid at the
     deepest level (which deep-supervision heads need, see :func:`_tracing`).
     """
-    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    # on the net's device and in its dtype (a `*-true` precision casts the net mid-run)
+    device, dtype = param_device(net), param_dtype(net)
     gen = torch.Generator().manual_seed(0)  # fixed: tracing must not draw from the global RNG
     if shape is not None:
-        return torch.randn(*[int(s) for s in shape], generator=gen).to(device)
+        return torch.randn(*[int(s) for s in shape], generator=gen).to(device, dtype)
     dims, cin = getattr(net, "spatial_dims", None), getattr(net, "in_channels", None)
     if dims is None or cin is None:
         raise UserError(f"{type(net).__name__} has no spatial_dims/in_channels attributes; set "
                         "PruneRetrain.example_shape, e.g. [2, 1, 64, 64]")
     size = 2 * int(getattr(net, "divisor", 16))
-    return torch.randn(2, int(cin), *([size] * int(dims)), generator=gen).to(device)
+    return torch.randn(2, int(cin), *([size] * int(dims)), generator=gen).to(device, dtype)
 
 
 @contextmanager
@@ -435,7 +447,7 @@ def apply_plan(net: nn.Module, plan: dict[str, Any], source: str = "pruning hist
         if m is None:
             raise UserError(f"{source} does not match the model: {type(net).__name__} has no layer {name!r}; "
                             f"was the checkpoint made with another network?")
-        if torch_type(m) != entry["type"]:
+        if not same_kind(torch_type(m), entry["type"]):
             raise UserError(f"{source} does not match the model: layer {name!r} is {torch_type(m)}, "
                             f"the history expects {entry['type']}")
         pruner = tpf.PrunerBox[ops.module2type(m)]

@@ -24,6 +24,7 @@ from typing import Iterable, Literal
 import torch
 from torch import nn
 
+from trainer.collectives import gathered
 from trainer.errors import UserError
 from trainer.quant.fake_quant import QMAX, TensorQuantizer, channel_amax
 from trainer.quant.modules import QuantLayer
@@ -133,9 +134,14 @@ def quant_layers(net: nn.Module) -> dict[str, QuantLayer]:
 
 
 def set_weight_ranges(net: nn.Module) -> None:
-    """Weight scales from the current weights' per-channel max (skips frozen quantizers)."""
-    for layer in quant_layers(net).values():
-        if not layer.weight_quant.frozen:
+    """Weight scales from the current weights' per-channel max (skips frozen quantizers).
+
+    Under DeepSpeed ZeRO-3 the weights are partitioned (empty on every rank) outside a
+    forward pass: they are gathered for the duration (one all-gather of the quantized
+    weights; every rank must call this, as the QAT callback does after each step)."""
+    layers = [layer for layer in quant_layers(net).values() if not layer.weight_quant.frozen]
+    with gathered([layer.weight for layer in layers]):  # type: ignore[attr-defined]
+        for layer in layers:
             layer.weight_quant.set_amax(channel_amax(layer.weight, layer.WEIGHT_AXIS))  # type: ignore[attr-defined]
 
 

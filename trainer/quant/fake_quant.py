@@ -121,16 +121,19 @@ def fake_quant_per_tensor(
     constant and only ``x`` gets the straight-through gradient.
     """
     dtype = x.dtype
-    if dtype != torch.float32:  # the kernels are float32; bf16-mixed activations go back to bf16
+    # The kernels take float32 values and scales. Half/bf16 reach here under bf16-mixed
+    # autocast, and scales too once a DeepSpeed or `*-true` precision has cast the module
+    # (torch's CUDA kernels reject a half scale); results go back to the input's dtype.
+    if dtype != torch.float32:
         x = x.float()
     if grad_factor is not None:
-        zero = torch.zeros(1, device=x.device)
-        out = torch._fake_quantize_learnable_per_tensor_affine(x, scale.reshape(1), zero, qmin, QMAX, grad_factor)
+        zero = torch.zeros(1, device=x.device, dtype=torch.float32)  # `*-true` precisions change the default dtype
+        out = torch._fake_quantize_learnable_per_tensor_affine(x, scale.float().reshape(1), zero, qmin, QMAX, grad_factor)
     elif _use_tensor_ops(x):
         out = _FixedScaleFakeQuant.apply(x, scale.detach().float(), qmin, QMAX)
     else:
         zero = torch.zeros((), dtype=torch.int32, device=x.device)
-        out = torch.fake_quantize_per_tensor_affine(x, scale.detach(), zero, qmin, QMAX)
+        out = torch.fake_quantize_per_tensor_affine(x, scale.detach().float(), zero, qmin, QMAX)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -144,14 +147,14 @@ def fake_quant_per_channel(
         w = w.float()
     if grad_factor is not None:
         zero = torch.zeros_like(scale, dtype=torch.float32)
-        out = torch._fake_quantize_learnable_per_channel_affine(w, scale, zero, axis, qmin, qmax, grad_factor)
+        out = torch._fake_quantize_learnable_per_channel_affine(w, scale.float(), zero, axis, qmin, qmax, grad_factor)
     elif _use_tensor_ops(w):
         shape = [1] * w.dim()
         shape[axis] = -1
         out = _FixedScaleFakeQuant.apply(w, scale.detach().float().reshape(shape), qmin, qmax)
     else:
         zero = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
-        out = torch.fake_quantize_per_channel_affine(w, scale.detach(), zero, axis, qmin, qmax)
+        out = torch.fake_quantize_per_channel_affine(w, scale.detach().float(), zero, axis, qmin, qmax)
     return out if dtype == torch.float32 else out.to(dtype)
 
 

@@ -84,9 +84,13 @@ class OnnxFp16(ExportFormat):
         )
 
     def build(self, ctx: BuildContext) -> BuildResult:
-        from trainer.export.onnx_tools import simplify_onnx
+        from trainer.export.onnx_tools import has_quantize_nodes, simplify_onnx
 
         src, before, _ = ctx.simplified_onnx()
+        if has_quantize_nodes(src):  # FP16 conversion of Q/DQ nodes gives a graph onnxruntime refuses to load
+            raise UserError(f"onnx-fp16: {type(ctx.net).__name__} is quantized (a QAT/PTQ checkpoint: Q/DQ nodes); "
+                            "FP16 conversion is for float networks: export it as onnx-qdq, onnx-int8-cpu or "
+                            "tensorrt --precision int8")
         half = convert_to_fp16(onnx.load(str(src)), self.keep_fp32_ops)
         converted = ctx.work_dir / "fp16.onnx"
         onnx.save(half, str(converted))

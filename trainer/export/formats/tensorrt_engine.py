@@ -7,13 +7,21 @@ Written against the documented TensorRT 10 Python API (``Builder``, ``OnnxParser
 flags, is handled by building a strongly typed network from an FP16 (or QDQ) ONNX instead.
 
 Precision:
-- ``fp16``: TensorRT may pick FP16 kernels wherever it likes (weak typing, TRT 10) or runs
-  the graph converted to FP16 with norms/softmax kept FP32 (strong typing, TRT 11).
+- ``fp16``: TensorRT may pick FP16 kernels wherever it likes (weak typing, TRT 10) except in
+  normalization, softmax and reduction layers, which are pinned to FP32
+  (``OBEY_PRECISION_CONSTRAINTS``), as ``onnx-fp16`` keeps them; or it runs the graph converted
+  to FP16 with norms/softmax kept FP32 (strong typing, TRT 11).
 - ``int8``: explicit quantization only. The ONNX must carry QuantizeLinear/DequantizeLinear
   (export a QAT checkpoint). A model without Q/DQ nodes is built as FP16 instead, with a
   warning and ``precision_built: "fp16"`` in the card: implicit INT8 calibration is deprecated
   in TensorRT 10 and removed in 11, and ORT's CPU-placed QDQ (``onnx-int8-cpu``) is not laid
-  out for TensorRT's fusions.
+  out for TensorRT's fusions. Conversely a Q/DQ model is INT8 whatever ``--precision`` says:
+  TensorRT 10 (weak typing) builds Q/DQ layers only with the INT8 flag, so it is always set for
+  them, and the card says ``precision_built: "int8"`` with a note.
+
+The per-layer report comes from the engine inspector attached to an execution context whose
+input shape is set (the profile's opt shape): without one, TensorRT leaves the formats and
+precisions of a dynamic-shape engine out of the report.
 
 The engine is verified on the GPU against PyTorch (CPU, FP32) on the validation batches,
 through CUDA tensors from torch. An engine only runs on the GPU model and TensorRT version
@@ -76,6 +84,37 @@ def summarize_layers(info: dict[str, Any]) -> dict[str, Any]:
 
 
 _PRECISION_WORDS = (("int8", ("int8",)), ("fp16", ("fp16", "half")), ("fp32", ("fp32", "float")), ("int32", ("int32",)))
+# layer types whose FP16 arithmetic costs accuracy (variance, exp-sums, long reductions)
+FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
+
+
+def keep_fp32(network: Any, trt: Any) -> list[str]:
+    """Pin normalization, softmax and reduction layers of a weakly typed ``network`` to FP32
+    (precision and output types); returns their names. Takes effect with the builder flag
+    ``OBEY_PRECISION_CONSTRAINTS``; without it, TensorRT 10 with the FP16 flag may run an
+    InstanceNorm's variance in FP16."""
+    wanted = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES if hasattr(trt.LayerType, name)}
+    names = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type not in wanted:
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.float32)
+        names.append(layer.name)
+    return names
+
+
+def inspect_engine(engine: Any, trt: Any, shape: Sequence[int]) -> dict[str, Any]:
+    """The inspector's JSON for ``engine``, seen through an execution context whose input has
+    ``shape``: for a dynamic-shape engine the inspector reports formats and precisions only
+    then (otherwise every layer's format is missing and the summary counts nothing)."""
+    context = engine.create_execution_context()
+    context.set_input_shape(INPUT_NAME, tuple(shape))
+    inspector = engine.create_engine_inspector()
+    inspector.execution_context = context
+    return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
 
 @register_format
@@ -151,6 +190,12 @@ class TensorRTEngine(ExportFormat):
         explicit = has_quantize_nodes(src)
         notes = []
         self._built_precision = self.precision
+        if self.precision == "fp16" and explicit:
+            msg = ("tensorrt: the ONNX carries Q/DQ nodes (explicit quantization), which TensorRT always builds "
+                   "in INT8: built INT8 with FP16 elsewhere; export the float checkpoint for an FP16 engine")
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            notes.append(msg)
+            self._built_precision = "int8"
         if self.precision == "int8" and not explicit:
             source = f"--onnx {self.onnx}" if self.onnx else f"the exported {type(ctx.net).__name__}"
             msg = (f"tensorrt: --precision int8 needs Q/DQ nodes (explicit quantization: a QAT checkpoint or "
@@ -177,10 +222,14 @@ class TensorRTEngine(ExportFormat):
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gb * (1 << 30)))
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # full inspector report
+        fp32_layers: list[str] = []
         if not strongly_typed:
             config.set_flag(trt.BuilderFlag.FP16)
-            if self._built_precision == "int8":
+            if explicit:  # Q/DQ layers build only with the INT8 flag (weak typing)
                 config.set_flag(trt.BuilderFlag.INT8)
+            fp32_layers = keep_fp32(network, trt)
+            if fp32_layers:
+                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         low, opt, high = profile_shapes(ctx.input_shapes, self.max_batch)
         profile = builder.create_optimization_profile()
         profile.set_shape(INPUT_NAME, low, opt, high)
@@ -192,7 +241,7 @@ class TensorRTEngine(ExportFormat):
         artifact = ctx.out_dir / self.filename
         artifact.write_bytes(bytes(serialized))
         engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
-        info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+        info = inspect_engine(engine, trt, opt)
         (ctx.out_dir / LAYER_REPORT).write_text(json.dumps(info, indent=2) + "\n")
         details = {
             "tensorrt": trt.__version__,
@@ -205,6 +254,7 @@ class TensorRTEngine(ExportFormat):
             "profile": {"min": list(low), "opt": list(opt), "max": list(high)},
             "layer_report": LAYER_REPORT,
             "layer_precisions": summarize_layers(info),
+            "fp32_constrained_layers": fp32_layers,
             "notes": notes,
         }
         step = output_quant_step(src) if self._built_precision == "int8" else None
