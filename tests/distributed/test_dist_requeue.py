@@ -100,3 +100,36 @@ def test_sigterm_mid_training_saves_requeues_and_resumes_exactly(tmp_path):
                          kit.env_with_kit(SCALE_KIT_ATTEMPT="1"))
     assert "resuming from" in resumed.stdout and "requeue.ckpt" in resumed.stdout
     kit.assert_bitwise_equal(kit.final_weights(ref), kit.final_weights(run), "requeued run")
+
+
+@pytest.mark.slow
+def test_one_signalled_rank_of_two_stops_both_at_the_same_step_and_resumes_exactly(tmp_path):
+    """Only rank 0 gets the signal (rank 1 never does): the ranks agree through the callback's
+    asynchronous gloo vote (no collective on the training device per step), one step after
+    the signal, save together, requeue once, and the resumed run ends bitwise equal."""
+    config = dict(CONFIG, devices=2, max_steps=10, val_every=None)  # no validation: only the per-step vote decides
+    ref = tmp_path / "ref"
+    kit.write_recipe(ref / "recipe.yaml", kit.recipe(ref, **config))
+    kit.launch(["fit", "--config", str(ref / "recipe.yaml")], kit.env_with_kit())
+
+    run = tmp_path / "run"
+    marker = tmp_path / "paused"
+    pause = {"class_path": "scale_kit.PauseAt", "init_args": {"step": 4, "marker": str(marker)}}
+    recipe = kit.write_recipe(run / "recipe.yaml", kit.recipe(run, callbacks=[pause], **config))
+    proc = start_fit(["fit", "--config", str(recipe)], fake_slurm_env(tmp_path))
+    deadline = time.monotonic() + 240
+    while not marker.exists() or not marker.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, finish(proc)[-3000:]
+        time.sleep(0.2)
+    os.kill(int(marker.read_text()), signal.SIGUSR1)  # rank 0's process only
+    out = finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert requeue_calls(tmp_path) == ["requeue 4242"]
+    import torch
+
+    saved = torch.load(run / "checkpoints" / "requeue.ckpt", weights_only=True)["global_step"]
+    assert 5 <= saved <= 6, f"requeue checkpoint at step {saved}"  # the vote lags the signal by a step
+    resumed = kit.launch(["fit", "--config", str(recipe), "--ckpt_path", "last-or-fresh"],
+                         kit.env_with_kit(SCALE_KIT_ATTEMPT="1"))
+    assert "requeue.ckpt" in resumed.stdout
+    kit.assert_bitwise_equal(kit.final_weights(ref), kit.final_weights(run), "requeued two-rank run")

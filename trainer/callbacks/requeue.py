@@ -45,6 +45,8 @@ import uuid
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
@@ -90,6 +92,7 @@ class RequeueOnSignal(pl.Callback):
         self._at_step_boundary = True  # the last training batch completed an optimizer step
         self._done = False
         self._warned_loaders = False
+        self._vote = _SignalVote()
 
     @property
     def active(self) -> bool:
@@ -113,15 +116,23 @@ class RequeueOnSignal(pl.Callback):
         self._take_signals_back()
         self._start_step = self._last_step = trainer.global_step
         self._warn_unshielded(trainer)
+        if self.active:
+            self._vote.open(trainer.world_size)
         if self._signalled(trainer):
             self._stop(trainer, save=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # the same on every rank, so the collective in _signalled runs on all of them or none
+        # the same on every rank, so the vote below runs on all of them or none
         self._at_step_boundary = trainer.global_step != self._last_step
         self._last_step = trainer.global_step
-        if self._at_step_boundary and self._signalled(trainer):
+        if self._at_step_boundary and self.active and not self._done and self._vote.poll(received() is not None):
             self._stop(trainer, save=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._vote.close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._vote.close()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a validation may fall mid-accumulation (val_check_interval in batches): then wait for
@@ -145,6 +156,7 @@ class RequeueOnSignal(pl.Callback):
 
     def _stop(self, trainer: pl.Trainer, save: bool) -> None:
         self._done = True
+        self._vote.close()
         sig = signal_name(received()) if received() is not None else "a requeue signal (on another rank)"
         if _training_finished(trainer):
             rank_zero_info(f"RequeueOnSignal: {sig} after the last training step (step {trainer.global_step}); "
@@ -204,6 +216,46 @@ class RequeueOnSignal(pl.Callback):
         dirpath = next((cb.dirpath for cb in trainer.checkpoint_callbacks
                         if isinstance(cb, ModelCheckpoint) and cb.dirpath), None)
         return Path(dirpath or Path(trainer.default_root_dir) / "checkpoints") / self.filename
+
+
+class _SignalVote:
+    """Whether any rank was signalled, agreed without a collective on the training device.
+
+    Asked at every optimizer step, a ``reduce_boolean_decision`` would be an all-reduce on the
+    GPU stream plus a host sync per step under NCCL. Instead each step starts an asynchronous
+    all-reduce (MAX) of a CPU flag on a gloo group and reads the *previous* step's result: every
+    rank decides from the same numbers at the same safe point, one step after the signal (the
+    warning comes minutes before the limit). One rank alone needs no vote.
+    """
+
+    def __init__(self) -> None:
+        self.group = None
+        self.pending: tuple | None = None
+        self.alone = True
+
+    def open(self, world_size: int) -> None:
+        self.alone = world_size <= 1 or not (dist.is_available() and dist.is_initialized())
+        if not self.alone and self.group is None:
+            self.group = dist.new_group(backend="gloo")  # every rank calls on_train_start: collective
+
+    def poll(self, flag: bool) -> bool:
+        if self.alone:
+            return flag
+        decided = self._collect()
+        ballot = torch.tensor([int(flag)], dtype=torch.int32)
+        self.pending = (dist.all_reduce(ballot, op=dist.ReduceOp.MAX, group=self.group, async_op=True), ballot)
+        return decided
+
+    def close(self) -> None:
+        self._collect()
+
+    def _collect(self) -> bool:
+        if self.pending is None:
+            return False
+        work, ballot = self.pending
+        self.pending = None
+        work.wait()
+        return bool(ballot.item())
 
 
 def _keep_lightning_off_signals(trainer: pl.Trainer) -> None:
