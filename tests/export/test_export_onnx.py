@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 import onnx
 import torch
 from onnx import TensorProto, helper
@@ -20,6 +21,7 @@ from trainer.export import (
 )
 from trainer.export.bundle import BUNDLE_NAME
 from trainer.export.card import CARD_NAME
+from trainer.errors import UserError
 
 
 def _card(artifact):
@@ -146,3 +148,29 @@ def test_sizes_not_divisible_by_the_divisor_are_padded_for_both(tmp_path, net2d,
     assert card["input"]["verified_shapes"] == [[2, 1, 36, 36], [4, 1, 32, 32]]  # probe, padded data
     assert card["verification"]["voxels"] == 8 * 30 * 30
     assert card["metrics"]["argmax_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "onnx-fp16"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_dynamo_exporter_path_for_float_formats(tmp_path, fmt, dims, net2d, data2d, meta2d, net3d, data3d, meta3d):
+    """The exporter torch keeps (torch.export + onnxscript), beside the deprecated TorchScript
+    one: same formats, same verification (2D whole slices, 3D sliding windows and the shape
+    probe at other batch and spatial sizes), same I/O names and dynamic axes."""
+    net, data, meta = (net2d, data2d, meta2d) if dims == 2 else (net3d, data3d, meta3d)
+    artifact = export_artifact(net, fmt, tmp_path / "out", data["val"], meta, opset=18, threads=1,
+                               format_options={"exporter": "dynamo"})
+    card = json.loads((artifact.parent / CARD_NAME).read_text())
+    assert card["graph"]["exporter"] == "torch.onnx (dynamo)" and card["verification"]["passed"]
+    assert card["verification"]["shape_probe"]["ok"]
+    model = onnx.load(str(artifact))
+    dims_in = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims_in == ["batch", 1, *(["height", "width"] if dims == 2 else ["depth", "height", "width"])]
+    assert model.graph.output[0].name == "logits"
+
+
+def test_dynamo_exporter_needs_opset_18(tmp_path, net2d, data2d, meta2d):
+    with pytest.raises(UserError, match="the dynamo exporter writes opset >= 18; got --opset 17"):
+        export_artifact(net2d, "onnx", tmp_path / "o", data2d["val"], meta2d, format_options={"exporter": "dynamo"})
+    with pytest.raises(UserError, match="exporter='jit' must be one of torchscript, dynamo"):
+        export_artifact(net2d, "onnx", tmp_path / "o", data2d["val"], meta2d, format_options={"exporter": "jit"})
+    assert not (tmp_path / "o").exists()

@@ -257,6 +257,7 @@ def export_artifact(
         ctx = BuildContext(
             net=model, example=example, batches=batches, meta=meta, opset=opset, out_dir=staging,
             work_dir=work, input_shapes=_observed_shapes(batches, meta, probe), threads=threads,
+            exporter=getattr(fmt, "exporter", "torchscript"),
         )
         result = fmt.build(ctx)
         static = fmt.static_checks(result.artifact)  # data-free checks that hold on every machine
@@ -345,6 +346,7 @@ def _card(fmt, result, report, ctx: BuildContext, net, in_channels: int, opset: 
         "opset": opset,
         "class_names": list(meta.class_names),
         "graph": {
+            "exporter": f"torch.onnx ({ctx.exporter})",
             "simplifier": f"onnxslim {versions.get('onnxslim')}",
             "nodes_before": result.nodes_before,
             "nodes_after": result.nodes_after,

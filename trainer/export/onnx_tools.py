@@ -1,9 +1,11 @@
 """ONNX plumbing shared by the formats: export, simplification, node counts, onnxruntime.
 
-Export uses the TorchScript-based exporter (``dynamo=False``). In torch 2.13 it is deprecated
-but it is the one that (a) needs no extra package (the dynamo exporter needs ``onnxscript``),
-(b) exports fake-quant models as QuantizeLinear/DequantizeLinear with dynamic batch and
-spatial axes (field notes), and (c) folds BatchNorm into the preceding Conv in eval mode.
+Two exporters. The TorchScript one (``dynamo=False``, the default) is deprecated in torch 2.13
+but it (a) exports fake-quant models as QuantizeLinear/DequantizeLinear with dynamic batch and
+spatial axes (field notes; the dynamo exporter fails on the fake-quantize ops), and (b) folds
+BatchNorm into the preceding Conv in eval mode. The dynamo exporter (``torch.export`` +
+onnxscript, ``exporter="dynamo"``) is the one torch keeps: FP32 and FP16 formats can use it
+today (``--exporter dynamo``); the Q/DQ path's move is planned in ``README_export.md``.
 Simplification uses onnxslim (constant folding, dead-node and Identity removal, Conv+BN
 fusion where weights are constant floats); it keeps QDQ pairs intact and emits only standard
 ONNX ops, unlike onnxruntime's offline optimizer, whose saved graphs may contain ORT-only ops.
@@ -32,11 +34,16 @@ def axis_names(spatial_dims: int) -> list[str]:
     return ["batch", *SPATIAL_AXIS_NAMES[spatial_dims]]
 
 
+EXPORTERS = ("torchscript", "dynamo")
+DYNAMO_MIN_OPSET = 18  # what torch 2.13's dynamo exporter writes natively
+
+
 def export_onnx(
     net: torch.nn.Module,
     example: torch.Tensor,
     path: str | Path,
     opset: int = 17,
+    exporter: str = "torchscript",
 ) -> list[str]:
     """Trace ``net`` on ``example`` and write an FP32 ONNX with dynamic batch/spatial axes.
 
@@ -47,8 +54,12 @@ def export_onnx(
         UserError: naming the model class and the operator the exporter could not convert.
     """
     cls = type(net).__name__
+    if exporter not in EXPORTERS:
+        raise UserError(f"exporter={exporter!r} must be one of {', '.join(EXPORTERS)}")
     if opset < 17:
         raise UserError(f"opset={opset} is too old; use 17 or newer")
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        raise UserError(f"the dynamo exporter writes opset >= {DYNAMO_MIN_OPSET}; got --opset {opset}")
     names = axis_names(example.dim() - 2)
     axes = {0: names[0], **{i + 2: n for i, n in enumerate(names[1:])}}
     with torch.no_grad():
@@ -58,6 +69,8 @@ def export_onnx(
             f"cannot export {cls}: forward returned {type(out).__name__}, export needs one logits "
             "tensor (is deep supervision active outside eval mode?)"
         )
+    if exporter == "dynamo":
+        return _export_dynamo(net, example, path, opset, names)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -86,6 +99,32 @@ def export_onnx(
         for w in caught
         if issubclass(w.category, torch.jit.TracerWarning)
     ]
+
+
+def _export_dynamo(net: torch.nn.Module, example: torch.Tensor, path: str | Path, opset: int, names: list[str]) -> list[str]:
+    """``torch.export`` + onnxscript, every axis but the channels dynamic, renamed like the
+    TorchScript export's (``batch``, ``height``...), so cards and runtimes see the same I/O."""
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's dependency; named if missing)
+    except ImportError:
+        raise UserError("the dynamo exporter needs onnxscript (pip install onnxscript)") from None
+    dynamic = ({axis: torch.export.Dim.DYNAMIC for axis in (0, *range(2, example.dim()))},)  # per forward argument
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            torch.onnx.export(net, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_shapes=dynamic,
+                              opset_version=opset, dynamo=True, verbose=False)
+        except Exception as err:  # torch.export and onnxscript raise many types
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+            raise UserError(f"the dynamo exporter cannot export {type(net).__name__}: {type(err).__name__}: {first}") from None
+    model = onnx.load(str(path))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in zip((0, *range(2, len(dims))), names):
+            dims[axis].dim_param = name
+    onnx.save(model, str(path))
+    return [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
 
 
 def node_counts(model: onnx.ModelProto | str | Path) -> dict[str, Any]:

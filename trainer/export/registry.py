@@ -76,6 +76,7 @@ class BuildContext:
         input_shapes: every input shape verification will feed the artifact (for TensorRT
             optimization profiles).
         threads: onnxruntime intra-op threads for anything the format runs (0 = all cores).
+        exporter: ``"torchscript"`` or ``"dynamo"``: which torch exporter ``simplified_onnx`` uses.
     """
 
     net: torch.nn.Module
@@ -87,6 +88,7 @@ class BuildContext:
     work_dir: Path
     input_shapes: list[tuple[int, ...]]
     threads: int = 0
+    exporter: str = "torchscript"
     _onnx: tuple[Path, dict, dict] | None = field(default=None, repr=False)
     export_warnings: list[str] = field(default_factory=list)
 
@@ -100,7 +102,7 @@ class BuildContext:
             from trainer.export.onnx_tools import export_onnx, simplify_onnx
 
             raw = self.work_dir / "raw.onnx"
-            self.export_warnings = export_onnx(self.net, self.example, raw, opset=self.opset)
+            self.export_warnings = export_onnx(self.net, self.example, raw, opset=self.opset, exporter=self.exporter)
             slim = self.work_dir / "simplified.onnx"
             before, after = simplify_onnx(raw, slim)
             self._onnx = (slim, before, after)
@@ -125,6 +127,15 @@ class ExportFormat:
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
         """Add this format's options; each ``dest`` must be a constructor keyword."""
+
+    @staticmethod
+    def add_exporter_argument(group: argparse._ArgumentGroup) -> None:
+        """``--exporter``, for formats built on the plain FP32 export (``BuildContext.simplified_onnx``)."""
+        from trainer.export.onnx_tools import EXPORTERS
+
+        group.add_argument("--exporter", dest="exporter", choices=EXPORTERS, default="torchscript",
+                           help="torch's ONNX exporter: torchscript (default, deprecated by torch) or dynamo "
+                                "(torch.export + onnxscript, opset >= 18)")
 
     def options(self) -> dict[str, Any]:
         """The constructor options, recorded in the model card."""

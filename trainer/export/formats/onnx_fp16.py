@@ -61,9 +61,11 @@ class OnnxFp16(ExportFormat):
 
     Args:
         keep_fp32_ops: op types kept in float32 (default ``KEEP_FP32_OPS``).
+        exporter: ``torchscript`` (default) or ``dynamo`` (opset >= 18; see ``onnx_tools``).
     """
 
     keep_fp32_ops: tuple[str, ...] = KEEP_FP32_OPS
+    exporter: str = "torchscript"
 
     name = "onnx-fp16"
     summary = "FP16 ONNX for GPU runtimes (float32 I/O; norms/softmax/resize kept FP32)"
@@ -75,6 +77,10 @@ class OnnxFp16(ExportFormat):
         bad = [op for op in self.keep_fp32_ops if not op.isidentifier()]
         if bad:
             raise UserError(f"onnx-fp16: keep_fp32_ops has entries that are not ONNX op types: {bad}")
+        from trainer.export.onnx_tools import EXPORTERS
+
+        if self.exporter not in EXPORTERS:
+            raise UserError(f"onnx-fp16: exporter={self.exporter!r} must be one of {', '.join(EXPORTERS)}")
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
@@ -82,6 +88,7 @@ class OnnxFp16(ExportFormat):
             "--keep-fp32-ops", dest="keep_fp32_ops", nargs="+", default=KEEP_FP32_OPS, metavar="OP",
             help="ONNX op types left in float32 (default: %(default)s)",
         )
+        cls.add_exporter_argument(group)
 
     def build(self, ctx: BuildContext) -> BuildResult:
         from trainer.export.onnx_tools import has_quantize_nodes, simplify_onnx

@@ -1,6 +1,7 @@
 """``onnx``: FP32 ONNX with dynamic batch and spatial axes, simplified with onnxslim."""
 from __future__ import annotations
 
+import argparse
 import shutil
 from dataclasses import dataclass
 
@@ -18,12 +19,28 @@ class OnnxFp32(ExportFormat):
     depth to ~1e-5 in deep 3D nets); a real defect (a wrong weight, padding, axis or
     shape baked in at trace time) moves logits by a sizeable fraction of their scale. 1e-3
     sits two orders of magnitude from both.
+
+    Args:
+        exporter: ``torchscript`` (default) or ``dynamo`` (opset >= 18; see ``onnx_tools``).
     """
+
+    exporter: str = "torchscript"
 
     name = "onnx"
     summary = "FP32 ONNX (opset >= 17), dynamic batch/spatial axes, simplified with onnxslim"
     filename = "model.onnx"
     tolerance = Tolerance(atol=1e-3, unit="logit_scale", min_argmax_agreement=0.9999)
+
+    def __post_init__(self) -> None:
+        from trainer.export.onnx_tools import EXPORTERS
+        from trainer.errors import UserError
+
+        if self.exporter not in EXPORTERS:
+            raise UserError(f"{self.name}: exporter={self.exporter!r} must be one of {', '.join(EXPORTERS)}")
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        cls.add_exporter_argument(group)
 
     def build(self, ctx: BuildContext) -> BuildResult:
         src, before, after = ctx.simplified_onnx()
