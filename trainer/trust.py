@@ -15,15 +15,23 @@ converters) are allowed by naming their modules in the environment::
 
 A prefix matches whole dotted segments (``mylab.nets`` allows ``mylab.nets.UNet3`` and
 ``mylab.nets.deep.X``, not ``mylab.netsevil``).
+
+An installed package can declare the modules its checkpoints name (its networks, data modules,
+structural converters) as entry points; installing the package is the user's trust decision::
+
+    [project.entry-points."compressseg.trusted_modules"]
+    mylab = "mylab.nets"
 """
 from __future__ import annotations
 
 import os
+from importlib import metadata
 from typing import Any, Iterator
 
 from trainer.errors import UserError
 
 ENV = "COMPRESSSEG_TRUSTED_MODULES"
+ENTRY_POINT_GROUP = "compressseg.trusted_modules"
 #: classes a checkpoint may name for the network, loss, optimizer and datamodule
 DEFAULT_CLASS_MODULES = ("trainer", "datamodules", "torch.nn", "torch.optim", "monai.networks", "monai.losses")
 #: structural converters (``trainer.structure``) a checkpoint may replay
@@ -31,9 +39,11 @@ DEFAULT_CONVERTER_MODULES = ("trainer",)
 
 
 def trusted_modules(defaults: tuple[str, ...] = DEFAULT_CLASS_MODULES) -> tuple[str, ...]:
-    """``defaults`` plus the prefixes in ``$COMPRESSSEG_TRUSTED_MODULES``."""
+    """``defaults``, the prefixes in ``$COMPRESSSEG_TRUSTED_MODULES`` and those installed packages
+    declare under the entry-point group ``compressseg.trusted_modules``."""
     extra = [p.strip().strip(".") for p in os.environ.get(ENV, "").split(",")]
-    return tuple(dict.fromkeys([*defaults, *(p for p in extra if p)]))
+    declared = [entry.value.strip().strip(".") for entry in metadata.entry_points(group=ENTRY_POINT_GROUP)]
+    return tuple(dict.fromkeys([*defaults, *(p for p in [*extra, *declared] if p)]))
 
 
 def is_trusted(class_path: str, defaults: tuple[str, ...] = DEFAULT_CLASS_MODULES) -> bool:

@@ -17,6 +17,12 @@ every module in that folder on first lookup, so no other file needs editing::
             ...
             return BuildResult(artifact=..., nodes_before=..., nodes_after=...)
 
+A package outside this repository adds a format by declaring it as an entry point (found when
+the package is installed; nothing here is edited)::
+
+    [project.entry-points."compressseg.export_formats"]
+    my-format = "mypkg.formats:MyFormat"
+
 Constructor keyword arguments are the format's options; ``add_arguments`` exposes them on the
 command line under the same ``dest`` names (``python launch.py export --format F --help``).
 """
@@ -26,6 +32,7 @@ import argparse
 import dataclasses
 import importlib
 import pkgutil
+from importlib import metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -185,8 +192,13 @@ def register_format(cls: type[ExportFormat]) -> type[ExportFormat]:
     return cls
 
 
+ENTRY_POINT_GROUP = "compressseg.export_formats"
+
+
 def _discover() -> None:
-    """Import every module in ``trainer.export.formats`` so their decorators run."""
+    """Import every module in ``trainer.export.formats`` so their decorators run, then the formats
+    installed packages declare under the entry-point group ``compressseg.export_formats``
+    (``my-format = "mypkg.formats:MyFormat"``; the class needs no decorator)."""
     global _DISCOVERED
     if _DISCOVERED:
         return
@@ -195,6 +207,17 @@ def _discover() -> None:
 
     for mod in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = entry.load()
+        except Exception as exc:  # a broken plugin is named, not a traceback
+            raise UserError(f"export format plugin {entry.name!r} ({entry.value}, package "
+                            f"{entry.dist.name if entry.dist else '?'}) cannot be loaded: {type(exc).__name__}: {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, ExportFormat)) or cls.name != entry.name:
+            raise UserError(f"export format plugin {entry.name!r} ({entry.value}) must name an ExportFormat subclass "
+                            f"whose name is {entry.name!r}")
+        if _REGISTRY.get(cls.name) is not cls:
+            register_format(cls)
 
 
 def known_formats() -> dict[str, type[ExportFormat]]:

@@ -1,0 +1,1 @@
+"""A third-party compressseg plugin, as a lab would write one (used by tests/plugins)."""
