@@ -116,11 +116,11 @@ def _build_module(path: Path, ckpt: dict[str, Any]) -> SegmentationModule:
         module = instantiate_module(SegmentationModule, hparams)
     except Exception as exc:  # jsonargparse reports bad class paths/arguments
         raise UserError(f"{path}: cannot rebuild the model from its hyper_parameters: {' '.join(str(exc).split())[:300]}") from None
-    module.on_load_checkpoint(ckpt)  # replays pruning/QAT structure
     # A consolidated DeepSpeed ZeRO directory names every parameter its optimizer held,
     # distillation adapters included; they are training state of the Distillation callback
     # (saved in its own section), not part of the model.
     weights = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    module.on_load_checkpoint({**ckpt, "state_dict": weights})  # replays pruning/QAT structure, checks the fit
     missing, unexpected = module.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise UserError(
