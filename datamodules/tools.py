@@ -145,6 +145,51 @@ def detect_format(path: str) -> str:
     return kind
 
 
+def read_data_file(path: str) -> tuple[dict, object]:
+    """``(description, case stream)`` of an HDF5 or TFRecord data file: the description has
+    ``num_classes``, ``class_names``, ``in_channels``, ``preprocessing``; the stream yields
+    ``(case_id, image, label or None, spacing)``."""
+    if detect_format(path) == "h5":
+        from datamodules.h5io import iter_h5_cases, read_h5_description
+
+        return read_h5_description(path), iter_h5_cases(path)
+    from datamodules.tfrecord import iter_tfrecord_cases, list_tfrecord_files, read_tfrecord_description
+
+    files = list_tfrecord_files(path)
+    if not files:
+        raise UserError(f"{path}: no TFRecord files found")
+    return read_tfrecord_description(files), iter_tfrecord_cases(files)
+
+
+def data_for_model(path: str, card_preprocessing: dict | None, workdir: str) -> tuple[str, str | None]:
+    """The data file to score a model on, given the ``preprocessing`` section of its card:
+    ``path`` itself when the file was preprocessed the same way; a normalised copy in
+    ``workdir`` when the file holds the same geometry with raw intensities (``--normalize
+    noNorm``), normalised exactly as ``convert`` would (CT with the model's dataset constants,
+    z-score per case); otherwise a one-line ``UserError`` naming the difference. Also a note
+    saying what was done (None when nothing)."""
+    from datamodules.preprocess import channel_norms, match_record, normalize_image
+
+    recorded = card_preprocessing or {}
+    if not recorded.get("recorded"):
+        return path, None if not card_preprocessing else "the model card records no preprocessing; data used as it is"
+    expected = {k: v for k, v in recorded.items() if k not in ("recorded", "steps")}
+    meta, stream = read_data_file(path)
+    if match_record(expected, meta.get("preprocessing"), path) == "same":
+        return path, None
+    norms = channel_norms(expected)
+    fmt = detect_format(path)  # the copy keeps the format: the run's datamodule class reads it
+    copy = os.path.join(workdir, "normalised." + ("h5" if fmt == "h5" else "tfrecord"))
+
+    def cases():
+        for case_id, image, label, spacing in stream:
+            yield case_id, normalize_image(image, norms)[0], label, spacing
+
+    write_cases(copy, cases(), fmt=fmt, num_classes=meta["num_classes"], class_names=meta["class_names"],
+                compression=None, preprocessing=expected)
+    return copy, f"{path} holds raw intensities; normalised the model's way before scoring ({', '.join(n.scheme for n in norms)})"
+
+
 def inspect_file(path: str) -> dict:
     """Summary of a data file: cases, shapes, dtypes, class frequencies, spacing (validated:
     every TFRecord CRC is checked, every label range too)."""
