@@ -314,6 +314,8 @@ class Conversion:
             if isinstance(options.target_spacing, (list, tuple)) else options.target_spacing
         if options.interpolation not in preprocess.INTERPOLATION:
             raise UserError(f"convert: --interpolation {options.interpolation!r} must be one of {list(preprocess.INTERPOLATION)}")
+        if options.normalize and options.normalize != "auto":  # scheme names now; the channel count at plan()
+            preprocess.parse_schemes(options.normalize, ["?"] * len(options.normalize.split(",")), "convert")
         self.table = read_spacing_table(self.sources.folder, options.spacing_json)
         self.num_classes: int | None = None
         self.class_names: list[str] = []

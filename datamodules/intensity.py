@@ -66,13 +66,13 @@ class IntensityStats:
 
 def format_summary(rows: list[dict]) -> list[str]:
     """Lines for ``inspect``'s table."""
-    lines = ["intensity   ch  voxels      mean      std       p0.5      p50       p99.5     min       max"
-             .replace("voxels     ", "of         ")]
+    head = "".join(f"{h:<11}" for h in ("mean", "std", "p0.5", "p50", "p99.5", "min", "max"))
+    lines = [f"intensity   ch  {'of':<11} {head}"]
     for row in rows:
         for kind in ("all", "foreground"):
             s = row[kind]
             if s is None:
                 continue
-            values = "".join(f"{s[k]:<10.4g}" for k in ("mean", "std", "p0.5", "p50", "p99.5", "min", "max"))
+            values = "".join(f"{s[k]:<11.4g}" for k in ("mean", "std", "p0.5", "p50", "p99.5", "min", "max"))
             lines.append(f"            {row['channel']:<3} {kind:<11} {values}")
     return lines

@@ -42,20 +42,16 @@ def test_card_records_preprocessing_and_verify_data_follows_it(tmp_path, subproc
     data, raw = tmp_path / "toy.h5", tmp_path / "toy_raw.h5"
     assert data_main(["convert", str(src), "--out", str(data)]) == 0
     assert data_main(["convert", str(src), "--out", str(raw), "--normalize", "noNorm"]) == 0
-    recipe = {
-        "seed_everything": 0,
-        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
-                    "use_distributed_sampler": False, "default_root_dir": str(tmp_path / "run"),
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "filename": "last"}}]},
-        "model": {"net": {"class_path": "trainer.models.UNet",
-                          "init_args": {"spatial_dims": 3, "num_classes": 2, "depth": 2, "base_channels": 4}},
-                  "num_classes": 2, "roi_size": [16, 16, 16], "sw_overlap": 0.25,
-                  "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}}},
-        "data": {"class_path": "datamodules.hdf5.HDF5SegDataModule",
-                 "init_args": {"path": str(data), "spatial_dims": 3, "patch_size": [16, 16, 16], "batch_size": 2,
-                               "num_workers": 0, "samples_per_epoch": 4, "val_fraction": 0.5}},
-    }
+    # the shipped 3D recipe (sliding window, overlap 0.25), shrunk to a smoke run on this data
+    recipe = yaml.safe_load((ROOT / "recipes" / "unet3d_phantom.yaml").read_text())
+    recipe["trainer"].update(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             default_root_dir=str(tmp_path / "run"),
+                             callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                         "init_args": {"dirpath": str(tmp_path / "ckpt"), "filename": "last"}}])
+    recipe["model"].update(num_classes=2, roi_size=[16, 16, 16])
+    recipe["model"]["net"]["init_args"].update(depth=2, base_channels=4)
+    recipe["data"]["init_args"].update(path=str(data), patch_size=[16, 16, 16], num_workers=0, samples_per_epoch=4,
+                                       val_fraction=0.5, generate=None)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "launch.py"), *a], env=subprocess_env, cwd=ROOT,  # noqa: E731
                                     capture_output=True, text=True, timeout=600)
