@@ -227,6 +227,8 @@ class SegDataModule(L.LightningDataModule):
         self._epoch = 0
         info = self.describe()
         self.num_classes, self.class_names, self.in_channels = info["num_classes"], info["class_names"], info["in_channels"]
+        # how the file's images were made from raw scans (datamodules.preprocess); None if unrecorded
+        self.preprocessing: dict | None = info.get("preprocessing")
         _check_batch_memory(name, self.patch_size, self.batch_size, self.in_channels)
 
     # -- format hooks ------------------------------------------------------------------------
@@ -237,8 +239,9 @@ class SegDataModule(L.LightningDataModule):
         """num_classes, class_names, in_channels from the file header only."""
         raise NotImplementedError
 
-    def _write_cases(self, cases, num_classes: int, class_names: list[str], compression: str | None) -> None:
-        """Write phantom cases to ``self.path`` atomically."""
+    def _write_cases(self, cases, num_classes: int, class_names: list[str], compression: str | None,
+                     preprocessing: dict | None = None) -> None:
+        """Write phantom cases (and their preprocessing record) to ``self.path`` atomically."""
         raise NotImplementedError
 
     def _prepare_source(self) -> None:
@@ -249,8 +252,9 @@ class SegDataModule(L.LightningDataModule):
 
     # -- public API --------------------------------------------------------------------------
     def describe(self) -> dict:
-        """``num_classes``, ``class_names``, ``in_channels``, ``spatial_dims`` from the file
-        header only (or from the ``generate`` arguments if the file is not generated yet)."""
+        """``num_classes``, ``class_names``, ``in_channels``, ``spatial_dims`` and
+        ``preprocessing`` (the file's record, or None) from the file header only (or from the
+        ``generate`` arguments if the file is not generated yet)."""
         if self._source_exists():
             info = self._read_description()
         elif self.generate is not None:
@@ -356,7 +360,8 @@ class SegDataModule(L.LightningDataModule):
         dataset = EvalDataset(self.store, cases, self.spatial_dims, self.pad_multiple if self.spatial_dims == 2 else 1)
         if len(dataset) == 0:
             raise UserError(f"{where} has no cases; set val_fraction/test_fraction or val_cases/test_cases")
-        sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size, shuffle=False, what=where)
+        sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size, shuffle=False, what=where,
+                               groups=dataset.case_sizes())  # whole cases per rank: per-case metrics
         return DataLoader(dataset, sampler=sampler, batch_size=self.val_batch_size, collate_fn=collate,
                           **self._loader_kwargs())
 
@@ -382,7 +387,8 @@ class SegDataModule(L.LightningDataModule):
             shape=args.pop("shape", phantom.DEFAULTS_2D["shape"]),
             **{k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if k != "compression"},
         )
-        self._write_cases(cases, num_classes, phantom.class_names(num_classes), args.get("compression"))
+        self._write_cases(cases, num_classes, phantom.class_names(num_classes), args.get("compression"),
+                          phantom.preprocessing_record(int(args.get("in_channels", 1))))
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         if self.trainer is not None:

@@ -67,7 +67,7 @@ def build_cache(location: str, cases: Iterable[tuple[str, np.ndarray, np.ndarray
     try:
         meta_cases, offset, in_channels = [], 0, None
         with open(os.path.join(tmp, "data.bin"), "wb") as out:
-            for case_id, image, label, spacing in cases:
+            for case_id, image, label, spacing, *_ in cases:
                 where = f"{source} case {case_id!r}"
                 entry = {"id": case_id, "image_shape": list(image.shape), "spacing": list(check_spacing(spacing, where))}
                 if label is None:

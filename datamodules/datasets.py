@@ -10,6 +10,13 @@ Sample dict (batched by :func:`collate`)::
     index    int     the key: global sample index within the epoch
     case     str     case id
     spacing  float64 [3] (z, y, x mm)
+
+Evaluation samples also carry where they lie in their case, so metrics can rebuild whole
+cases from slices and cut the padding off (:mod:`trainer.metrics`)::
+
+    slice    int     z index of a 2D slice, -1 for a whole 3D volume
+    depth    int     slices in the case (1 for a volume)
+    size     int64   [*spatial] the unpadded size of the image
 """
 from __future__ import annotations
 
@@ -22,8 +29,9 @@ from datamodules.sampling import STREAM_AUGMENT, STREAM_PATCH, CaseLabels, choos
 from datamodules.store import CaseStore, read_region
 
 
-def _sample(store: CaseStore, case: int, key: int, image: np.ndarray, label: np.ndarray) -> dict:
+def _sample(store: CaseStore, case: int, key: int, image: np.ndarray, label: np.ndarray, **where) -> dict:
     return {
+        **where,
         "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
         "label": torch.from_numpy(label.astype(np.int64)),
         "index": key,
@@ -108,12 +116,20 @@ class EvalDataset(Dataset):
         image, label = self.store.image(case), self.store.label(case)
         if z is None:
             return _sample(self.store, case, key, read_region(image, (0, 0, 0), image.shape[1:]),
-                           read_region(label, (0, 0, 0), label.shape))
-        h, w = label.shape[1:]
+                           read_region(label, (0, 0, 0), label.shape),
+                           slice=-1, depth=1, size=torch.tensor(label.shape, dtype=torch.int64))
+        depth, h, w = label.shape
         m = self.pad_multiple
         padded = (-(-h // m) * m, -(-w // m) * m)
         img, lab = read_patch(image, label, (z, 0, 0), padded, IDENTITY)
-        return _sample(self.store, case, key, img, lab)
+        return _sample(self.store, case, key, img, lab, slice=z, depth=depth, size=torch.tensor([h, w], dtype=torch.int64))
+
+    def case_sizes(self) -> list[int]:
+        """Keys per case in key order (2D: its slices; 3D: 1), for sharding by whole cases."""
+        sizes: dict[int, int] = {}
+        for case, _ in self.units:
+            sizes[case] = sizes.get(case, 0) + 1
+        return [sizes[c] for c in self.cases]
 
 
 def _pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -129,7 +145,14 @@ def collate(samples: list[dict]) -> dict:
     zero-padded at the end of each axis to the largest in the batch."""
     img_shape = tuple(max(s["image"].shape[d] for s in samples) for d in range(samples[0]["image"].dim()))
     lab_shape = img_shape[1:]
+    where = {}
+    for key in ("slice", "depth"):
+        if all(key in s for s in samples):
+            where[key] = torch.tensor([s[key] for s in samples], dtype=torch.int64)
+    if all("size" in s for s in samples):
+        where["size"] = torch.stack([s["size"] for s in samples])
     return {
+        **where,
         "image": torch.stack([_pad_to(s["image"], img_shape) for s in samples]),
         "label": torch.stack([_pad_to(s["label"], lab_shape) for s in samples]),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),

@@ -39,6 +39,7 @@ from datamodules.schema import (
     sniff_data_file,
     validate_case,
 )
+from datamodules.preprocess import dumps, loads
 from datamodules.store import CaseStore
 from trainer.errors import UserError
 from trainer.inputs import file_problem, make_dirs, remove_dirs
@@ -82,8 +83,9 @@ def write_h5(
     num_classes: int,
     class_names: list[str],
     compression: str | None = None,
+    preprocessing: dict | None = None,
 ) -> int:
-    """Write ``(case_id, image, label, spacing)`` tuples atomically; returns the case count.
+    """Write ``(case_id, image, label, spacing[, case record])`` tuples atomically; returns the case count.
 
     Args:
         path: destination ``.h5`` file (replaced atomically when complete).
@@ -93,6 +95,9 @@ def write_h5(
         class_names: one name per class.
         compression: ``None`` (contiguous, memory-mappable: the fast read path), ``"lzf"`` or
             ``"gzip"`` (chunked one slice per chunk).
+        preprocessing: the dataset's preprocessing record (:mod:`datamodules.preprocess`),
+            stored as the root attribute ``preprocessing`` (JSON); a case's own record (the
+            optional fifth tuple element) as the case attribute ``preprocessing``.
     """
     num_classes, class_names = check_class_metadata(num_classes, class_names, path)
     if compression not in COMPRESSIONS:
@@ -104,8 +109,10 @@ def write_h5(
             f.attrs["version"] = VERSION
             f.attrs["num_classes"] = num_classes
             f.attrs["class_names"] = json.dumps(class_names)
+            if preprocessing is not None:
+                f.attrs["preprocessing"] = dumps(preprocessing)
             group = f.create_group("cases")
-            for case_id, image, label, spacing in cases:
+            for case_id, image, label, spacing, *extra in cases:
                 where = f"{path} case {case_id!r}"
                 if case_id in group:
                     raise UserError(f"{where}: duplicate case id")
@@ -120,6 +127,8 @@ def write_h5(
                 g.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
                 if not labelled:
                     g.attrs["labelled"] = False
+                if extra and extra[0] is not None:
+                    g.attrs["preprocessing"] = dumps(extra[0])
                 opts = {}
                 if compression is not None:
                     opts = {"compression": compression, "shuffle": True}
@@ -241,10 +250,20 @@ def _read_root(f: h5py.File, path: str) -> tuple[int, list[str], int]:
 
 
 def read_h5_description(path: str) -> dict:
-    """``num_classes``, ``class_names``, ``in_channels`` from the root attributes only."""
+    """``num_classes``, ``class_names``, ``in_channels`` and ``preprocessing`` (the record, or
+    None) from the root attributes only."""
     with open_h5(path) as f, _damaged(path):
         num_classes, class_names, in_channels = _read_root(f, path)
-    return {"num_classes": num_classes, "class_names": class_names, "in_channels": in_channels}
+        text = f.attrs.get("preprocessing")
+    return {"num_classes": num_classes, "class_names": class_names, "in_channels": in_channels,
+            "preprocessing": loads(text, path)}
+
+
+def read_h5_case_records(path: str) -> dict[str, dict | None]:
+    """Each case's own preprocessing record (where it came from, per-case values), by case id."""
+    with open_h5(path) as f, _damaged(path):
+        return {cid: loads(g.attrs.get("preprocessing"), f"{path} /cases/{cid}", dataset=False) if "preprocessing" in g.attrs else None
+                for cid, g in f["cases"].items()}
 
 
 def read_h5_header(path: str, checked: bool = False) -> tuple[DatasetHeader, list[tuple[int | None, int | None]]]:

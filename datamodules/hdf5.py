@@ -58,9 +58,9 @@ class HDF5SegDataModule(SegDataModule):
     def _read_description(self) -> dict:
         return read_h5_description(self.path)
 
-    def _write_cases(self, cases, num_classes, class_names, compression) -> None:
+    def _write_cases(self, cases, num_classes, class_names, compression, preprocessing=None) -> None:
         write_h5(self.path, cases, num_classes=num_classes, class_names=class_names,
-                 compression=compression)
+                 compression=compression, preprocessing=preprocessing)
 
     def _read_layout(self):
         """Header, byte offsets, and the cache location if the cache is used (else None)."""

@@ -43,7 +43,18 @@ def class_names(num_classes: int = 5) -> list[str]:
 
 def describe(num_classes: int = 5, in_channels: int = 1, **_ignored) -> dict:
     """What a phantom file with these arguments will contain, without generating it."""
-    return {"num_classes": num_classes, "class_names": class_names(num_classes), "in_channels": in_channels}
+    return {"num_classes": num_classes, "class_names": class_names(num_classes), "in_channels": in_channels,
+            "preprocessing": preprocessing_record(in_channels)}
+
+
+def preprocessing_record(in_channels: int = 1) -> dict:
+    """The phantom's record (:mod:`datamodules.preprocess`): rendered on its own grid, every
+    channel z-scored per case."""
+    from datamodules.preprocess import ChannelNorm, make_record
+
+    names = ["CT-like", "MR-like"][:in_channels]
+    return make_record(norms=[ChannelNorm(n, "zscore") for n in names], orientation=None, target_spacing=None,
+                       interpolation="linear", source={"kind": "phantom (datamodules.phantom)"})
 
 
 def _check_num_classes(num_classes: int) -> None:
@@ -232,5 +243,6 @@ def generate_phantom_h5(
         num_classes=num_classes,
         class_names=class_names(num_classes),
         compression=compression,
+        preprocessing=preprocessing_record(in_channels),
     )
     return os.fspath(path)

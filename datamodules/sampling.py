@@ -65,15 +65,17 @@ class EpochSampler(Sampler):
     together complete.
 
     Evaluation (``shuffle=False``): rank ``r`` takes a contiguous block of the keys; blocks
-    differ in size by at most one, nothing is padded or duplicated. A rank left with no key
-    is an error.
+    differ in size by at most one, nothing is padded or duplicated. With ``groups`` (keys per
+    case, in key order: the slices of each 2D case) blocks end only between cases, as close to
+    the even split as whole cases allow, so every rank scores whole cases (HD95 and per-case
+    Dice need the whole volume). A rank left with no key (or no case) is an error.
 
     Resuming is exact without any sampler state: the sequence is a function of the epoch, so
     ``StatefulDataLoader`` fast-forwards it by the number of indices already consumed.
     """
 
     def __init__(self, num_samples: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 epoch: int = 0, shuffle: bool = True, what: str = "dataset"):
+                 epoch: int = 0, shuffle: bool = True, what: str = "dataset", groups: list[int] | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"EpochSampler: rank={rank} not in [0, world_size={world_size})")
         if shuffle and num_samples % world_size:
@@ -85,6 +87,25 @@ class EpochSampler(Sampler):
             )
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.bounds = self._block_bounds(groups, what) if not shuffle else None
+
+    def _block_bounds(self, groups: list[int] | None, what: str) -> list[int]:
+        """Start keys of the ranks' evaluation blocks (plus the end)."""
+        n, w = self.num_samples, self.world_size
+        if groups is None:
+            return [r * n // w for r in range(w + 1)]
+        if sum(groups) != n:
+            raise ValueError(f"EpochSampler: groups sum to {sum(groups)}, not num_samples={n}")
+        if len(groups) < w:
+            raise UserError(f"{what}: {len(groups)} cases cannot be split over {w} ranks by whole cases, rank "
+                            f"{len(groups)} would get no data; add cases, raise val_fraction/test_fraction or use fewer devices")
+        starts = np.concatenate([[0], np.cumsum(groups)]).astype(int)  # key where each case starts
+        cut = [0]
+        for r in range(1, w):  # the case boundary nearest the even split, leaving a case for each later rank
+            target = np.argmin(np.abs(starts - r * n / w))
+            cut.append(int(min(max(target, cut[-1] + 1), len(groups) - (w - r))))
+        cut.append(len(groups))
+        return [int(starts[c]) for c in cut]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -93,9 +114,7 @@ class EpochSampler(Sampler):
         if self.shuffle:
             order = np.random.default_rng([int(self.seed), int(self.epoch)]).permutation(self.num_samples)
             return order[self.rank :: self.world_size]
-        lo = self.rank * self.num_samples // self.world_size
-        hi = (self.rank + 1) * self.num_samples // self.world_size
-        return np.arange(lo, hi)
+        return np.arange(self.bounds[self.rank], self.bounds[self.rank + 1])
 
     def __iter__(self):
         epoch = self.epoch
@@ -105,7 +124,7 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         if self.shuffle:
             return self.num_samples // self.world_size
-        return (self.rank + 1) * self.num_samples // self.world_size - self.rank * self.num_samples // self.world_size
+        return self.bounds[self.rank + 1] - self.bounds[self.rank]
 
 
 @dataclass

@@ -10,6 +10,8 @@ alone (and TensorFlow can read the files with ``tf.io.parse_single_example``)::
     label        bytes  uint8
     label_shape  int64  [D, H, W]
     num_classes  int64  [1]                          class_names  bytes, JSON list
+    preprocessing       bytes, JSON (optional): the dataset's preprocessing record, the same on every record
+    case_preprocessing  bytes, JSON (optional): this case's own record (source files, per-case values)
 
 Built on the ``tfrecord`` package for what it does well (``TFRecordWriter`` framing and
 serialisation, ``example_pb2`` parsing, ``create_index`` for plain files). Records are *read*
@@ -65,6 +67,7 @@ from datamodules.schema import (
     sniff_data_file,
     validate_case,
 )
+from datamodules.preprocess import dumps, loads
 from datamodules.store import CaseStore
 from trainer.errors import UserError
 from trainer.inputs import file_problem
@@ -225,12 +228,17 @@ def ensure_index(path: str) -> np.ndarray:
 
 # -- examples ----------------------------------------------------------------------------------
 def encode_case(case_id: str, image: np.ndarray, label: np.ndarray, spacing, num_classes: int,
-                class_names: list[str], labelled: bool = True) -> dict:
+                class_names: list[str], labelled: bool = True, preprocessing: dict | None = None,
+                case_preprocessing: dict | None = None) -> dict:
     """Feature dict for ``TFRecordWriter.write`` (an unlabelled case also gets ``labelled=0``;
-    records without that feature are labelled)."""
-    unlabelled = {} if labelled else {"labelled": (0, "int")}
+    records without that feature are labelled; the preprocessing records are optional)."""
+    extra = {} if labelled else {"labelled": (0, "int")}
+    if preprocessing is not None:
+        extra["preprocessing"] = (dumps(preprocessing).encode(), "byte")
+    if case_preprocessing is not None:
+        extra["case_preprocessing"] = (dumps(case_preprocessing).encode(), "byte")
     return {
-        **unlabelled,
+        **extra,
         "format": (TFRECORD_FORMAT.encode(), "byte"),
         "version": (VERSION, "int"),
         "case_id": (case_id.encode(), "byte"),
@@ -275,7 +283,8 @@ def decode_case(payload: bytes, path: str, number: int, arrays: bool = True) -> 
     if labelled not in (0, 1):
         raise UserError(f"{where}: feature 'labelled' is {labelled!r}, expected 0 or 1")
     out = {"case_id": case_id, "image_shape": image_shape, "num_classes": num_classes, "class_names": class_names,
-           "spacing": check_spacing(np.frombuffer(spacing_bytes, "<f8"), where), "labelled": bool(labelled)}
+           "spacing": check_spacing(np.frombuffer(spacing_bytes, "<f8"), where), "labelled": bool(labelled),
+           "preprocessing": one("preprocessing", "bytes_list") if "preprocessing" in feats else None}
     for key, shape, dtype in (("image", image_shape, IMAGE_DTYPE), ("label", label_shape, LABEL_DTYPE)):
         raw = one(key, "bytes_list")
         need = math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot overflow
@@ -295,8 +304,11 @@ class _GzipTFRecordWriter(TFRecordWriter):
 
 
 def write_tfrecord(path: str, cases: Iterable[tuple[str, np.ndarray, np.ndarray, tuple]], *, num_classes: int,
-                   class_names: list[str], compression: Literal["gzip"] | None = None) -> int:
-    """Write cases atomically (validated), then its index; returns the case count."""
+                   class_names: list[str], compression: Literal["gzip"] | None = None,
+                   preprocessing: dict | None = None) -> int:
+    """Write ``(case_id, image, label, spacing[, case record])`` cases atomically (validated),
+    then the index; returns the case count. ``preprocessing`` (the dataset's record) goes on
+    every record."""
     num_classes, class_names = check_class_metadata(num_classes, class_names, path)
     if compression not in (None, "gzip"):
         raise UserError(f"{path}: TFRecord compression={compression!r} must be None or 'gzip'")
@@ -304,7 +316,7 @@ def write_tfrecord(path: str, cases: Iterable[tuple[str, np.ndarray, np.ndarray,
     with atomic_path(path) as tmp:
         writer = _GzipTFRecordWriter(tmp) if compression == "gzip" else TFRecordWriter(tmp)
         try:
-            for case_id, image, label, spacing in cases:
+            for case_id, image, label, spacing, *extra in cases:
                 where = f"{path} case {case_id!r}"
                 if case_id in seen:
                     raise UserError(f"{where}: duplicate case id")
@@ -315,7 +327,7 @@ def write_tfrecord(path: str, cases: Iterable[tuple[str, np.ndarray, np.ndarray,
                 elif image.shape[0] != in_channels:
                     raise UserError(f"{where}: image has {image.shape[0]} channels, earlier cases have {in_channels}")
                 writer.write(encode_case(case_id, image, label, check_spacing(spacing, where), num_classes, class_names,
-                                         labelled))
+                                         labelled, preprocessing, extra[0] if extra else None))
                 seen.add(case_id)
                 count += 1
         finally:
@@ -357,11 +369,15 @@ def iter_tfrecord_cases(files: list[str], indexes: list[np.ndarray] | None = Non
                 if index[number, 0] != offset or index[number, 1] != len(payload) + 16:
                     raise _index_mismatch(index_path_for(path), path, f"record {number} is not where the index says")
             case = decode_case(payload, path, number)
-            meta = (case["num_classes"], case["class_names"], case["image_shape"][0])
+            meta = (case["num_classes"], case["class_names"], case["image_shape"][0], case["preprocessing"])
             if first is None:
                 first = meta
-            elif meta != first:
-                raise UserError(f"{path}: record {number} has num_classes/class_names/channels {meta}, earlier records {first}")
+            elif meta[:3] != first[:3]:
+                raise UserError(f"{path}: record {number} has num_classes/class_names/channels {meta[:3]}, earlier records {first[:3]}")
+            elif meta[3] != first[3]:
+                raise UserError(f"{path}: record {number} has another preprocessing record than earlier records "
+                                f"({'none' if meta[3] is None else 'a different one'}); files made with different "
+                                "preprocessing cannot be read as one dataset")
             count += 1
             yield case["case_id"], case["image"], case["label"] if case["labelled"] else None, case["spacing"]
         if indexes is not None and count != len(indexes[k]):
@@ -390,7 +406,8 @@ def read_tfrecord_description(files: list[str]) -> dict:
     for _, _, payload in iter_records(files[0]):
         case = decode_case(payload, files[0], 0, arrays=False)
         return {"num_classes": case["num_classes"], "class_names": case["class_names"],
-                "in_channels": case["image_shape"][0]}
+                "in_channels": case["image_shape"][0],
+                "preprocessing": loads(case["preprocessing"], f"{files[0]}: record 0")}
     raise UserError(f"{files[0]}: contains no records (empty dataset)")
 
 
@@ -487,11 +504,11 @@ class TFRecordSegDataModule(SegDataModule):
     def _read_description(self) -> dict:
         return read_tfrecord_description(self.files)
 
-    def _write_cases(self, cases, num_classes, class_names, compression) -> None:
+    def _write_cases(self, cases, num_classes, class_names, compression, preprocessing=None) -> None:
         if any(ch in self.path for ch in "*?[") or os.path.isdir(self.path):
             raise UserError(f"generate needs a single output file, {self.path} is a directory or pattern")
         write_tfrecord(self.path, cases, num_classes=num_classes, class_names=class_names,
-                       compression="gzip" if self.path.endswith(".gz") else None)
+                       compression="gzip" if self.path.endswith(".gz") else None, preprocessing=preprocessing)
 
     def _location(self) -> str | None:
         return None if self.cache == "never" else cache_location(self.cache_dir, self.files)

@@ -1,9 +1,11 @@
-"""The segmentation LightningModule: one network, Dice+CE, Dice per class, any optimizer.
+"""The segmentation LightningModule: one network, Dice+CE, Dice and HD95 per class, any optimizer.
 
 A batch travels: ``batch["image"] -> self.net -> logits (or deep-supervision list)
 -> DiceCE + loss terms of technique callbacks -> backward``. Validation runs the network on
 whole slices (2D) or by sliding window over whole volumes (3D) through
-``trainer.inference.predict_logits``, the same function export verification uses.
+``trainer.inference.predict_logits`` with the module's ``InferenceSettings``, and scores it
+with ``trainer.metrics.SegmentationMetrics``: the same code and settings export verification
+and the report use.
 """
 from __future__ import annotations
 
@@ -15,13 +17,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
-from torchmetrics.segmentation import DiceScore
 
 from trainer import host_copy
 from trainer.checkpointing import load_checkpoint
 from trainer.errors import UserError
-from trainer.inference import SW_BATCH_SIZE, predict_logits
+from trainer.inference import SW_BATCH_SIZE, InferenceSettings, predict_logits
 from trainer.losses import DiceCE
+from trainer.metrics import SegmentationMetrics
 from trainer.protocols import LossContributor
 from trainer.structure import CHECKPOINT_KEY, history, replay
 from trainer.zero3_eval import EvenForwards, forward_passes, is_phantom, through_engine
@@ -77,7 +79,8 @@ class SegmentationModule(pl.LightningModule):
         lr_scheduler: optional scheduler factory, stepped per epoch.
         roi_size: sliding-window size for validation/test of volumes; ``None`` runs whole
             images (2D). Default None.
-        sw_overlap: sliding-window overlap. Default 0.5.
+        sw_overlap: sliding-window overlap, used by validation, export verification and the
+            report alike. Default 0.5.
         divisor: whole-image inputs are padded to a multiple of this; ``None`` takes
             ``net.divisor`` if the net has one, else 16.
         class_names: names for per-class metrics; ``None`` takes them from the datamodule.
@@ -85,6 +88,9 @@ class SegmentationModule(pl.LightningModule):
             weights) this run starts from, e.g. the previous stage of a pipeline. Only the
             network is taken: optimizer, schedule and loops start fresh. A resumed run
             (``--ckpt_path``) then overwrites it with its own checkpoint.
+        eval_hd95: compute HD95 (mm, per case volume; ``trainer.metrics``) at validation and
+            test, logged as ``val/hd95`` and ``val/hd95_<class>``. Surface distances cost CPU
+            time on large volumes; False logs Dice only. Default True.
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class SegmentationModule(pl.LightningModule):
         divisor: int | None = None,
         class_names: Sequence[str] | None = None,
         init_from: str | None = None,
+        eval_hd95: bool = True,
     ):
         super().__init__()
         num_classes = _net_classes(net) if num_classes is None else num_classes
@@ -123,20 +130,23 @@ class SegmentationModule(pl.LightningModule):
         self.sw_overlap = sw_overlap
         self.divisor = divisor or getattr(net, "divisor", 16)
         self.class_names = list(class_names) if class_names else None
-        self.val_dice = self._dice_metric()
-        self.test_dice = self._dice_metric()
+        self.eval_hd95 = bool(eval_hd95)
+        self.val_metrics = self._metrics()
+        self.test_metrics = self._metrics()
         if init_from:
             # In __init__, before any technique callback converts the net in its setup, so a
             # QAT or pruning stage starts from the previous stage's exact network.
             load_net_from_checkpoint(self.net, init_from)
 
-    def _dice_metric(self) -> DiceScore:
-        # Global aggregation sums overlaps over the whole set: per-sample Dice of a small
-        # lesion absent from most slices would be dominated by empty slices.
-        return DiceScore(
-            num_classes=self.num_classes, include_background=False, average="none",
-            aggregation_level="global", input_format="index",
-        )
+    def _metrics(self) -> SegmentationMetrics:
+        # Pooled Dice sums overlaps over the whole set: per-slice Dice of a small lesion absent
+        # from most slices would be dominated by empty slices. HD95 is per case volume.
+        return SegmentationMetrics(self.num_classes, self.class_names, hd95=self.eval_hd95)
+
+    @property
+    def inference(self) -> InferenceSettings:
+        """How whole images are predicted; export and the report take these same settings."""
+        return InferenceSettings(self.roi_size, self.sw_overlap, self.divisor)
 
     # ---------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -152,6 +162,7 @@ class SegmentationModule(pl.LightningModule):
         if self.class_names is None:
             names = getattr(dm, "class_names", None)
             self.class_names = list(names) if names else [f"class{i}" for i in range(self.num_classes)]
+        self.val_metrics.class_names = self.test_metrics.class_names = list(self.class_names)
 
     def _check_unlabelled_use(self, dm) -> None:
         splits, store = getattr(dm, "splits", None), getattr(dm, "store", None)
@@ -241,15 +252,15 @@ class SegmentationModule(pl.LightningModule):
     # ---------------------------------------------------------------- evaluation
     def predict_full(self, image: torch.Tensor) -> torch.Tensor:
         """Logits for whole slices or volumes (sliding window when ``roi_size`` is set)."""
-        return predict_logits(self.net, image, self.roi_size, self.sw_overlap, self.divisor)
+        return predict_logits(self.net, image, settings=self.inference)
 
-    def _eval_step(self, batch: dict[str, Any], metric: DiceScore, prefix: str, batch_idx: int = 0) -> None:
+    def _eval_step(self, batch: dict[str, Any], metric: SegmentationMetrics, prefix: str, batch_idx: int = 0) -> None:
         if EvenForwards.needed(self.net, self._trainer):
             logits = self._even_forwards_step(batch["image"], batch_idx)
         else:
             logits = self.predict_full(batch["image"])
         self._check_output(logits, batch)
-        metric.update(logits.argmax(1), batch["label"])
+        metric.update(logits.argmax(1), batch["label"], batch)
         loss = self.loss(logits, batch["label"])
         self.log(f"{prefix}/loss", loss, batch_size=batch["image"].shape[0], sync_dist=True)
 
@@ -262,36 +273,39 @@ class SegmentationModule(pl.LightningModule):
         if getattr(self, "_even", None) is None or batch_idx == 0:
             self._even = EvenForwards(self.net, image, self.roi_size or [self.divisor] * (image.dim() - 2))
         passes = forward_passes(image.shape, self.roi_size, self.sw_overlap, SW_BATCH_SIZE)
-        run = lambda fn: predict_logits(fn, image, self.roi_size, self.sw_overlap, self.divisor)  # noqa: E731
+        run = lambda fn: predict_logits(fn, image, settings=self.inference)  # noqa: E731
         method = "test_step" if trainer.testing else "validation_step"
         step = lambda phantom: through_engine(trainer.strategy.model, self, method, phantom, batch_idx)  # noqa: E731
         return self._even.batch(trainer, batch_idx, int(counts[0]), passes, run, step)
 
-    def _eval_epoch_end(self, metric: DiceScore, prefix: str) -> None:
-        # foreground classes, NaN where never present; torchmetrics returns a 0-d tensor when
-        # there is one foreground class (binary segmentation)
-        per_class = metric.compute().reshape(-1)
+    def _eval_epoch_end(self, metric: SegmentationMetrics, prefix: str) -> None:
+        # summed states are synchronised across ranks by the metric itself (sync_dist=False)
+        scores = metric.compute()
         metric.reset()
-        names = (self.class_names or [])[1:] or [f"class{i}" for i in range(1, self.num_classes)]
-        for name, value in zip(names, per_class):
-            self.log(f"{prefix}/dice_{name}", torch.nan_to_num(value, 0.0), sync_dist=False)
-        self.log(f"{prefix}/dice", torch.nanmean(per_class), prog_bar=True, sync_dist=False)
+        nan = float("nan")
+        for name, value in scores.dice.items():  # a class never present anywhere logs 0
+            self.log(f"{prefix}/dice_{name}", 0.0 if value is None else value, sync_dist=False)
+        self.log(f"{prefix}/dice", nan if scores.mean_dice is None else scores.mean_dice, prog_bar=True, sync_dist=False)
+        if self.eval_hd95:
+            for name, value in scores.hd95.items():
+                self.log(f"{prefix}/hd95_{name}", nan if value is None else value, sync_dist=False)
+            self.log(f"{prefix}/hd95", nan if scores.mean_hd95 is None else scores.mean_hd95, sync_dist=False)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if is_phantom(batch):  # ZeRO-3 lockstep for a rank out of batches (trainer/zero3_eval.py)
             return self._even.phantom_round(self.trainer)
-        self._eval_step(batch, self.val_dice, "val", batch_idx)
+        self._eval_step(batch, self.val_metrics, "val", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end(self.val_dice, "val")
+        self._eval_epoch_end(self.val_metrics, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if is_phantom(batch):
             return self._even.phantom_round(self.trainer)
-        self._eval_step(batch, self.test_dice, "test", batch_idx)
+        self._eval_step(batch, self.test_metrics, "test", batch_idx)
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end(self.test_dice, "test")
+        self._eval_epoch_end(self.test_metrics, "test")
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -2,20 +2,23 @@
 
 For every stage of a pipeline run (or a single training run), from its checkpoint and its
 exported artifacts: parameters, MACs, file size, Dice and HD95 of the PyTorch model and of
-each artifact on the validation set (both through ``trainer.inference.predict_logits``),
-and CPU latency at batch 1 on one thread, PyTorch eager and onnxruntime, all timed
-interleaved in this one run. Writes ``report.md``, ``report.json``, ``report.png`` (Dice vs
-latency, marker area by file size) and ``qualitative.png``, and checks the pipeline goals.
+each artifact on the whole validation set (every case, unless ``--max-batches`` says
+otherwise, and then the report says so), predicted through ``trainer.inference.predict_logits``
+with the model's own inference settings (``model.sw_overlap`` included) and scored by
+``trainer.metrics.SegmentationMetrics``: the code and settings validation and export
+verification use. CPU latency at batch 1 on one thread, PyTorch eager and onnxruntime, all
+timed interleaved in this one run. Writes ``report.md``, ``report.json``, ``report.png`` (Dice
+vs latency, marker area by file size) and ``qualitative.png``, and checks the pipeline goals.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from trainer.errors import UserError
@@ -33,10 +36,14 @@ class Row:
     macs: int
     size_bytes: int
     dice: float
-    hd95: float
+    hd95: float  # mm, mean over foreground classes of the per-class mean over cases
     latency_ms: float = float("nan")
     path: str = ""
     per_class_dice: dict[str, float] = field(default_factory=dict)
+    per_class_hd95: dict[str, float] = field(default_factory=dict)
+    case_dice: float = float("nan")  # per-case Dice, mean over cases and foreground classes
+    missed: int = 0  # (case, class) pairs in the label that the model did not predict at all
+    spurious: int = 0  # (case, class) pairs predicted where the label has none
 
 
 # ---------------------------------------------------------------- discovery
@@ -61,28 +68,35 @@ def find_stages(run_dir: Path) -> list[tuple[str, Path, dict[str, str]]]:
 
 
 # ---------------------------------------------------------------- evaluation
-def _scores(fn, batches, run) -> tuple[float, float, dict[str, float], list[torch.Tensor]]:
-    from monai.metrics import compute_hausdorff_distance
-    from torchmetrics.segmentation import DiceScore
+QUALITATIVE_BATCHES = 8  # batches kept in memory for the qualitative figure
 
+
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def score_model(fn, run, max_batches: int | None):
+    """``(scores, kept batches, their predictions)`` of ``fn`` over the validation set."""
     from trainer.inference import predict_logits
+    from trainer.metrics import SegmentationMetrics
 
-    dice = DiceScore(num_classes=run.num_classes, include_background=False, average="none",
-                     aggregation_level="global", input_format="index")
-    hd: list[np.ndarray] = []
-    preds = []
-    for batch in batches:
-        pred = predict_logits(fn, batch["image"], run.roi_size, 0.5, run.divisor).argmax(1)
-        dice.update(pred, batch["label"])
-        onehot = lambda t: torch.nn.functional.one_hot(t, run.num_classes).movedim(-1, 1)  # noqa: E731
-        hd.append(compute_hausdorff_distance(onehot(pred), onehot(batch["label"]), percentile=95).numpy())
-        preds.append(pred)
-    per_class = dice.compute().reshape(-1)  # 0-d for one foreground class (binary)
-    hd_all = np.concatenate(hd, 0)
-    hd95 = float(np.nanmean(np.where(np.isfinite(hd_all), hd_all, np.nan))) if np.isfinite(hd_all).any() else float("nan")
-    names = run.class_names[1:]
-    return (float(torch.nanmean(per_class)), hd95,
-            {n: float(v) for n, v in zip(names, per_class)}, preds)
+    metric = SegmentationMetrics(run.num_classes, run.class_names, keep_cases=True)
+    kept, preds = [], []
+    for i, batch in enumerate(itertools.islice(run.datamodule.val_dataloader(), max_batches)):
+        pred = predict_logits(fn, batch["image"], settings=run.module.inference).argmax(1)
+        metric.update(pred, batch["label"], batch)
+        if i < QUALITATIVE_BATCHES:
+            kept.append(batch)
+            preds.append(pred)
+    return metric.compute(), kept, preds
+
+
+def _row(name: str, kind: str, params: int, macs: int, size: int, path: str, scores) -> Row:
+    return Row(name, kind, params, macs, size, _nan(scores.mean_dice), _nan(scores.mean_hd95), path=path,
+               per_class_dice={k: _nan(v) for k, v in scores.dice.items()},
+               per_class_hd95={k: _nan(v) for k, v in scores.hd95.items()},
+               case_dice=_nan(scores.mean_case_dice), missed=sum(scores.missed.values()),
+               spurious=sum(scores.spurious.values()))
 
 
 def _example(batches, run) -> torch.Tensor:
@@ -94,32 +108,54 @@ def _example(batches, run) -> torch.Tensor:
     return pad_to_multiple(image, run.divisor)[0].contiguous()
 
 
-def evaluate_stage(name: str, ckpt: Path, exports: dict[str, str], max_batches: int):
+def evaluate_stage(name: str, ckpt: Path, exports: dict[str, str], max_batches: int | None):
     from trainer.export.onnx_tools import OrtPredictor, ort_session
     from trainer.latency import ort_runner, torch_runner
     from trainer.prune.measure import count_macs, count_params
     from trainer.restore import restore_run
 
     run = restore_run(ckpt)
-    batches = [b for _, b in zip(range(max_batches), run.datamodule.val_dataloader())]
-    example = _example(batches, run)
     net = run.net.eval()
+    scores, batches, preds = score_model(net, run, max_batches)
+    example = _example(batches, run)
     params, macs = count_params(net), count_macs(net, example)
-    dice, hd95, per_class, preds = _scores(net, batches, run)
     weights_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-    rows = [Row(name, "pytorch", params, macs, weights_bytes, dice, hd95, path=str(ckpt),
-                per_class_dice=per_class)]
+    rows = [_row(name, "pytorch", params, macs, weights_bytes, str(ckpt), scores)]
     runners = {(name, "pytorch"): torch_runner(net, example)}
+    notes = []
     for fmt, directory in exports.items():
         card = json.loads((Path(directory) / "model_card.json").read_text())
         artifact = Path(directory) / card["artifact"]["file"]
         if artifact.suffix != ".onnx":
             continue  # TensorRT engines are measured on their GPU, not here
-        a_dice, a_hd95, a_per_class, _ = _scores(OrtPredictor(ort_session(artifact)), batches, run)
-        rows.append(Row(name, fmt, params, macs, int(card["artifact"]["bytes"]), a_dice, a_hd95,
-                        path=str(artifact), per_class_dice=a_per_class))
+        notes += _card_mismatch(f"{name}/{fmt}", card, run)
+        a_scores, _, _ = score_model(OrtPredictor(ort_session(artifact)), run, max_batches)
+        rows.append(_row(name, fmt, params, macs, int(card["artifact"]["bytes"]), str(artifact), a_scores))
         runners[(name, fmt)] = ort_runner(str(artifact), example)
-    return rows, runners, (run, batches, preds)
+    evaluation = {"stage": name, "cases": scores.cases, "partial_cases": scores.partial_cases, "scope": scores.scope,
+                  "inference": run.module.inference.card(), "max_batches": max_batches,
+                  "preprocessing": getattr(run.datamodule, "preprocessing", None), "per_case": scores.per_case}
+    return rows, runners, (run, batches, preds), evaluation, notes
+
+
+def _card_mismatch(what: str, card: dict, run) -> list[str]:
+    """An artifact whose card describes other inputs than the data it is scored on here."""
+    notes = []
+    recorded = (card.get("preprocessing") or {})
+    data = getattr(run.datamodule, "preprocessing", None)
+    if recorded.get("recorded") and data is not None:
+        from datamodules.preprocess import match_record
+
+        expected = {k: v for k, v in recorded.items() if k not in ("recorded", "steps")}
+        try:
+            if match_record(expected, data, "the validation data") != "same":
+                notes.append(f"{what}: its card's preprocessing differs from the validation data's (raw intensities)")
+        except Exception as err:  # a UserError naming the difference
+            notes.append(f"{what}: {err}")
+    overlap = (card.get("input") or {}).get("sliding_window_overlap")
+    if overlap is not None and run.module.roi_size and abs(float(overlap) - run.module.sw_overlap) > 1e-9:
+        notes.append(f"{what}: exported with sliding-window overlap {overlap}, the model's is {run.module.sw_overlap}")
+    return notes
 
 
 # ---------------------------------------------------------------- goals and output
@@ -141,21 +177,61 @@ def check_goals(rows: list[Row], final_name: str | None = None) -> list[dict[str
              "met": bool(v >= t if op == ">=" else v <= t)} for g, v, op, t, unit in goals]
 
 
-def to_markdown(rows: list[Row], goals: list[dict[str, Any]]) -> str:
-    head = "| stage | artifact | params | MMACs | size (MB) | Dice | HD95 (vox) | CPU latency (ms) |\n|---|---|---:|---:|---:|---:|---:|---:|\n"
+def to_markdown(rows: list[Row], goals: list[dict[str, Any]], evaluations: list[dict[str, Any]] | None = None,
+                notes: list[str] | None = None) -> str:
+    head = ("| stage | artifact | params | MMACs | size (MB) | Dice | HD95 (mm) | CPU latency (ms) |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(
         f"| {r.stage} | {r.kind} | {r.parameters:,} | {r.macs / 1e6:.1f} | {r.size_bytes / 1e6:.2f} | "
         f"{r.dice:.4f} | {r.hd95:.2f} | {r.latency_ms:.2f} |\n" for r in rows)
-    goal_lines = "".join(f"| {g['goal']} | {g['value']} | {g['target']} | {'met' if g['met'] else 'MISSED'} |\n" for g in goals)
     return (head + body + "\nLatency: batch 1, one thread, median of interleaved rounds in this run; "
             "PyTorch rows are eager FP32, artifact rows onnxruntime CPU. Size of a PyTorch row is its weights (state dict).\n\n"
-            "| goal | value | target | |\n|---|---:|---|---|\n" + goal_lines)
+            + evaluation_markdown(rows, evaluations or [], notes or []) + goals_markdown(goals))
 
 
-def write_report(run_dir: str | Path, max_batches: int = 8, wandb_project: str | None = None,
+def evaluation_markdown(rows: list[Row], evaluations: list[dict[str, Any]], notes: list[str]) -> str:
+    """How the scores were computed (set, settings, definitions), per-class scores, warnings."""
+    from datamodules.preprocess import describe_record
+    from trainer.metrics import CONVENTION
+
+    lines = []
+    for ev in evaluations[:1] + [e for e in evaluations[1:] if e["cases"] != evaluations[0]["cases"]]:
+        scope = f"the first {ev['max_batches']} validation batches (--max-batches)" if ev["max_batches"] else \
+            "the whole validation set"
+        partial = f", {ev['partial_cases']} of them cut short" if ev["partial_cases"] else ""
+        inf = ev["inference"]
+        window = (f"sliding window {inf['roi_size']}, overlap {inf['sliding_window_overlap']} (model.sw_overlap), "
+                  f"{inf['sliding_window_mode']}" if inf["roi_size"] else f"whole slices padded to a multiple of {inf['divisor']}")
+        lines.append(f"Scored on {scope}: {ev['cases']} cases{partial} ({ev['scope']}), {window}.")
+    lines.append("Dice: pooled over every voxel of those cases, mean over foreground classes. HD95: mm, per case "
+                 f"volume and class, mean over cases then classes; {CONVENTION} (missed / spurious pairs are counted "
+                 "in the per-class table).")
+    record = next((e["preprocessing"] for e in evaluations if e.get("preprocessing")), None)
+    lines.append("Data preprocessing (recorded in the data file and in every artifact's model card): "
+                 + ("; ".join(describe_record(record)) if record else "not recorded in the data file") + ".")
+    lines += [f"**Warning**: {n}" for n in notes]
+    names = list(rows[0].per_class_dice) if rows else []
+    table = ("\n| stage | artifact | " + " | ".join(f"{n} Dice / HD95" for n in names) + " | missed | spurious |\n"
+             "|---|---|" + "---:|" * len(names) + "---:|---:|\n")
+    table += "".join(f"| {r.stage} | {r.kind} | " + " | ".join(
+        f"{r.per_class_dice.get(n, float('nan')):.3f} / {r.per_class_hd95.get(n, float('nan')):.1f}" for n in names)
+        + f" | {r.missed} | {r.spurious} |\n" for r in rows)
+    return "\n\n".join(lines) + "\n" + table + "\n"
+
+
+# Goal checking stays apart from metric computation: goals only read the rows.
+def goals_markdown(goals: list[dict[str, Any]]) -> str:
+    if not goals:
+        return ""
+    lines = "".join(f"| {g['goal']} | {g['value']} | {g['target']} | {'met' if g['met'] else 'MISSED'} |\n" for g in goals)
+    return "| goal | value | target | |\n|---|---:|---|---|\n" + lines
+
+
+def write_report(run_dir: str | Path, max_batches: int | None = None, wandb_project: str | None = None,
                  final: str | None = None) -> Path:
-    """Evaluate every stage of ``run_dir`` and write the report; ``final`` (``STAGE/FORMAT``)
-    picks the deployable artifact the goals are checked on (default: the last row)."""
+    """Evaluate every stage of ``run_dir`` on the whole validation set (or its first
+    ``max_batches`` batches) and write the report; ``final`` (``STAGE/FORMAT``) picks the
+    deployable artifact the goals are checked on (default: the last row)."""
     from trainer.latency import time_interleaved
     from trainer.report_plots import plot_qualitative, plot_tradeoff
 
@@ -163,22 +239,24 @@ def write_report(run_dir: str | Path, max_batches: int = 8, wandb_project: str |
     stages = find_stages(run_dir)
     rows: list[Row] = []
     runners: dict = {}
-    views = []
+    views, evaluations, notes = [], [], []
     for name, ckpt, exports in stages:
         print(f"[report] evaluating {name} ({ckpt})", flush=True)
-        stage_rows, stage_runners, view = evaluate_stage(name, ckpt, exports, max_batches)
+        stage_rows, stage_runners, view, evaluation, stage_notes = evaluate_stage(name, ckpt, exports, max_batches)
         rows += stage_rows
         runners.update(stage_runners)
         views.append((name, view))
+        evaluations.append(evaluation)
+        notes += stage_notes
     print("[report] timing all models interleaved (batch 1, 1 thread)", flush=True)
     times = time_interleaved(runners)
     for r in rows:
         r.latency_ms = 1000 * times[(r.stage, r.kind)]
     goals = check_goals(rows, final) if len(stages) > 1 else []
-    md = to_markdown(rows, goals)
+    md = to_markdown(rows, goals, evaluations, notes)
     (run_dir / "report.md").write_text(f"# Compression report: {run_dir}\n\n" + md + "\n![tradeoff](report.png)\n")
-    (run_dir / "report.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "goals": goals}, indent=1,
-                                                    default=float))
+    (run_dir / "report.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "goals": goals,
+                                                     "evaluation": evaluations, "notes": notes}, indent=1, default=float))
     plot_tradeoff(rows, run_dir / "report.png")
     # teacher next to the stage of the deployable artifact (``final``), else the last stage
     shown = next((v for v in views if final and v[0] == final.split("/")[0]), views[-1])
@@ -204,7 +282,8 @@ def _log_wandb(run_dir: Path, rows: list[Row], project: str) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="launch.py report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--max-batches", type=int, default=8, help="validation batches to score (default 8)")
+    parser.add_argument("--max-batches", type=int, default=None, help="score only the first N validation batches "
+                        "(default: the whole validation set; the report says when it was cut)")
     parser.add_argument("--final", metavar="STAGE/FORMAT", help="the deployable artifact goals are checked on "
                         "(default: the last artifact of the last stage)")
     parser.add_argument("--wandb", metavar="PROJECT", help="also log table and plots to this W&B project "

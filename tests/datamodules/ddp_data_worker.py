@@ -1,6 +1,8 @@
 """Run under ``torchrun --nproc_per_node=2``: each rank iterates the train/val loaders of the
 datamodules given on the command line (rank and world size come from torch.distributed, the
-loaders use 2 workers each) and writes the sample keys it saw to ``<out>/rank<r>.json``.
+loaders use 2 workers each) and writes the sample keys it saw to ``<out>/rank<r>.json``, the
+validation cases it scored, and ``trainer.metrics`` scores of a fixed prediction (the label
+rolled by one voxel) synchronised across the ranks.
 
 Usage: ddp_data_worker.py OUT_DIR PATH:DIMS [PATH:DIMS ...]; a PATH that does not exist is
 generated from a small phantom by local rank 0 in prepare_data (the others wait).
@@ -11,10 +13,24 @@ import json
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 
 from datamodules.hdf5 import HDF5SegDataModule
 from datamodules.tfrecord import TFRecordSegDataModule
+from trainer.metrics import SegmentationMetrics
+
+
+def rolled_scores(dm, loader) -> dict:
+    """Scores of the label rolled by one voxel along W: a fixed, imperfect prediction."""
+    metric = SegmentationMetrics(dm.num_classes, dm.class_names)
+    cases = set()
+    for batch in loader:
+        metric.update(torch.roll(batch["label"], 1, -1), batch["label"], batch)
+        cases.update(batch["case"])
+    scores = metric.compute()  # synchronised over the ranks when torch.distributed is up
+    return {"cases": sorted(cases), "n_cases": scores.cases, "mean_dice": scores.mean_dice,
+            "mean_hd95": scores.mean_hd95, "partial": scores.partial_cases}
 
 
 def main(out_dir: str, specs: list[str]) -> None:
@@ -35,7 +51,8 @@ def main(out_dir: str, specs: list[str]) -> None:
         train_steps = len(dm.train_dataloader())
         val = [k for b in dm.val_dataloader() for k in b["index"].tolist()]
         results[spec] = {"train": train, "train_steps": train_steps, "val": val,
-                         "n_train": dm.num_train_samples(world), "n_val": len(dm.val_dataloader().dataset)}
+                         "n_train": dm.num_train_samples(world), "n_val": len(dm.val_dataloader().dataset),
+                         "scores": rolled_scores(dm, dm.val_dataloader())}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world_size": world, "results": results}, f)
     dist.destroy_process_group()

@@ -12,6 +12,7 @@ from tfrecord.tools.tfrecord2idx import create_index
 
 from datamodules.tfrecord import (TFRecordSegDataModule, encode_case, ensure_index, index_path_for, iter_records,
                                   iter_tfrecord_cases, masked_crc, write_tfrecord)
+from datamodules.phantom import preprocessing_record
 from datamodules.tools import main as tools_main
 from dmhelpers import make_dm, phantom_cases
 from trainer.errors import UserError
@@ -182,8 +183,12 @@ def test_generate_writes_tfrecord_and_shards_from_a_directory(tmp_path):
     path = str(tmp_path / "shards" / "phantom.tfrecord.gz")
     dm = make_dm(path, 2, generate={"cases": 3, "shape": [4, 32, 32]}, val_fraction=0.0)
     assert os.path.exists(path) and os.path.exists(index_path_for(path)) and len(dm.store.cases) == 3
-    write_tfrecord(str(tmp_path / "shards" / "more.tfrecord"), phantom_cases(2), num_classes=5,
-                   class_names=["background", "liver", "kidney", "spleen", "lesion"])
+    more = str(tmp_path / "shards" / "more.tfrecord")
+    names = ["background", "liver", "kidney", "spleen", "lesion"]
+    write_tfrecord(more, phantom_cases(2), num_classes=5, class_names=names)  # no preprocessing record
+    with pytest.raises(UserError, match="another preprocessing record than earlier records"):
+        make_dm(str(tmp_path / "shards"), 2, val_fraction=0.0)
+    write_tfrecord(more, phantom_cases(2), num_classes=5, class_names=names, preprocessing=preprocessing_record())
     both = make_dm(str(tmp_path / "shards"), 2, val_fraction=0.0)
     assert len(both.store.cases) == 9
     globbed = make_dm(str(tmp_path / "shards" / "*.tfrecord*"), 2, val_fraction=0.0)

@@ -48,7 +48,7 @@ def numpy_folder(tmp_path):
 def test_convert_numpy_round_trips_exactly(numpy_folder, tmp_path, out, capsys):
     src, expected = numpy_folder
     path = str(tmp_path / out)
-    assert main(["convert", str(src), "--out", path, "--class-names", "bg,one,two"]) == 0
+    assert main(["convert", str(src), "--out", path, "--class-names", "bg,one,two", "--normalize", "noNorm"]) == 0
     got = _read_back(path)
     assert sorted(got) == sorted(expected)
     for cid, (img, lab, sp) in expected.items():
@@ -70,7 +70,7 @@ def test_convert_multichannel(tmp_path):
     img2, lab2 = rng.normal(size=(2, 8, 10)).astype(np.float32), rng.integers(0, 4, size=(8, 10)).astype(np.uint8)
     np.savez(src / "e.npz", image=img2, label=lab2)  # [C, H, W] with a 2D label
     path = str(tmp_path / "mc.h5")
-    assert main(["convert", str(src), "--out", path, "--num-classes", "4"]) == 0
+    assert main(["convert", str(src), "--out", path, "--num-classes", "4", "--normalize", "noNorm"]) == 0
     got = _read_back(path)
     assert np.array_equal(got["b"][0], img3) and np.array_equal(got["b"][1], lab3)
     assert np.array_equal(got["e"][0], img2[:, None]) and np.array_equal(got["e"][1], lab2[None])
@@ -93,7 +93,7 @@ def test_convert_nifti_round_trips_exactly(tmp_path, out):
         nib.save(nib.Nifti1Image(lab, affine), src / f"case{i}_label{ext}")
         expected[f"case{i}"] = (img.transpose(2, 1, 0)[None], lab.transpose(2, 1, 0), (3.0 + i, 0.9, 0.8))
     path = str(tmp_path / out)
-    assert main(["convert", str(src), "--out", path]) == 0
+    assert main(["convert", str(src), "--out", path, "--normalize", "noNorm"]) == 0
     got = _read_back(path)
     for cid, (img, lab, sp) in expected.items():
         assert np.array_equal(got[cid][0], img) and np.array_equal(got[cid][1], lab)

@@ -116,7 +116,7 @@ def test_convert_stores_images_without_labels_only_when_asked(tmp_path, capsys):
     assert main(["convert", str(src), "--out", out]) == 2
     assert "b_image.npy has no matching b_label file" in capsys.readouterr().err
     assert not (tmp_path / "out.h5").exists()
-    assert main(["convert", str(src), "--out", out, "--unlabelled"]) == 0
+    assert main(["convert", str(src), "--out", out, "--unlabelled", "--normalize", "noNorm"]) == 0
     got = {cid: (img, lab, sp) for cid, img, lab, sp in iter_h5_cases(out)}
     assert got["a"][1] is not None and [got[c][1] for c in "bcd"] == [None, None, None]
     np.testing.assert_array_equal(got["b"][0], lone[None])

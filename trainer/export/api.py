@@ -47,6 +47,9 @@ class ExportMeta:
         overlap: sliding-window overlap. Default 0.5.
         in_channels: image channels; read from the data when ``None``.
         checkpoint: the source checkpoint, recorded with its sha256.
+        preprocessing: how the training data was made from raw scans (orientation, spacing,
+            intensity normalisation: ``datamodules.preprocess``), copied into the card so a
+            deployed model knows its input; ``None`` when the data file records none.
     """
 
     spatial_dims: int
@@ -57,6 +60,7 @@ class ExportMeta:
     overlap: float = 0.5
     in_channels: int | None = None
     checkpoint: str | Path | None = None
+    preprocessing: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -72,15 +76,20 @@ class ExportMeta:
 
     @classmethod
     def from_run(cls, run: Any, checkpoint: str | Path | None = None) -> "ExportMeta":
-        """Read the fields from ``trainer.restore.restore_run``'s result."""
+        """Read the fields from ``trainer.restore.restore_run``'s result: the module's own
+        inference settings (``model.sw_overlap`` too, as validation used them) and the data
+        file's preprocessing record."""
+        settings = run.module.inference
         return cls(
             spatial_dims=run.spatial_dims,
             num_classes=run.num_classes,
             class_names=list(run.class_names) if run.class_names else None,
-            divisor=run.divisor,
-            roi_size=list(run.roi_size) if run.roi_size is not None else None,
+            divisor=settings.divisor,
+            roi_size=list(settings.roi_size) if settings.roi_size is not None else None,
+            overlap=settings.overlap,
             in_channels=getattr(run, "in_channels", None),
             checkpoint=checkpoint,
+            preprocessing=getattr(run.datamodule, "preprocessing", None),
         )
 
 
@@ -95,8 +104,13 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
     return out
 
 
+# where each image lies in its case: metrics rebuild whole cases and HD95 needs the spacing
+CASE_KEYS = ("case", "spacing", "slice", "depth", "size")
+
+
 def take_batches(batches: Iterable[Mapping[str, Any]], max_batches: int | None) -> list[dict[str, torch.Tensor]]:
-    """The first ``max_batches`` batches as ``{"image", "label"}`` CPU tensors, checked."""
+    """The first ``max_batches`` batches as ``{"image", "label"}`` CPU tensors (plus the case
+    metadata in ``CASE_KEYS`` where the batch has it), checked."""
     out = []
     for i, batch in enumerate(itertools.islice(batches, max_batches)):
         if not isinstance(batch, Mapping) or "image" not in batch or "label" not in batch:
@@ -108,7 +122,8 @@ def take_batches(batches: Iterable[Mapping[str, Any]], max_batches: int | None) 
                 f"validation batch {i}: image shape {tuple(image.shape)} does not match label shape "
                 f"{tuple(label.shape)} (expected [B, C, *S] and [B, *S])"
             )
-        out.append({"image": image.detach().float().cpu(), "label": label.detach().long().cpu()})
+        meta = {k: batch[k].cpu() if isinstance(batch[k], torch.Tensor) else batch[k] for k in CASE_KEYS if k in batch}
+        out.append({"image": image.detach().float().cpu(), "label": label.detach().long().cpu(), **meta})
     if not out:
         raise UserError("the validation dataloader yielded no batches; export needs data to verify on")
     return out
@@ -352,11 +367,23 @@ def _card(fmt, result, report, ctx: BuildContext, net, in_channels: int, opset: 
             "nodes_after": result.nodes_after,
             "export_warnings": _dedupe(ctx.export_warnings),
         },
+        "preprocessing": _preprocessing_section(meta.preprocessing),
         "metrics": metrics,
         "verification": verification,
         "details": result.details,
         "versions": versions,
     }
+
+
+def _preprocessing_section(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The card's ``preprocessing``: the data file's record plus the steps in words, so a
+    deployed model's user prepares its input the way the training data was prepared."""
+    if not record:
+        return {"recorded": False, "note": "the training data file records no preprocessing (made by hand or by an "
+                "older version); the model expects images prepared like that file's"}
+    from datamodules.preprocess import describe_record
+
+    return {"recorded": True, **record, "steps": describe_record(record)}
 
 
 def _dedupe(lines: list[str]) -> list[str]:

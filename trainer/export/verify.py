@@ -17,6 +17,13 @@ A batch passes when at most ``max_exceed_fraction`` of its logits differ by more
 ``atol`` units (0 means: the max abs diff must be within ``atol``), and the whole set passes
 when, in addition, the argmax agrees on at least ``min_argmax_agreement`` of the voxels and
 (if set) the mean foreground Dice drops by at most ``max_dice_drop``.
+
+Dice and HD95 of both sides come from ``trainer.metrics.SegmentationMetrics`` (the
+implementation validation and the report use): pooled Dice, per-case Dice, HD95 in mm per case
+volume with missed and spurious classes at the worst value. HD95 needs the batches' case
+metadata (``case``, ``spacing``, ``slice``, ``depth``, ``size``, as the datamodules yield it);
+the verification set stored with an artifact holds images and labels only, so replaying it
+gives Dice alone.
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import torch
 
 from trainer.errors import UserError
-from trainer.inference import predict_logits
+from trainer.inference import InferenceSettings, predict_logits
+from trainer.metrics import SegmentationMetrics, SegmentationScores
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 UNITS = ("logit_scale", "quant_step", "absolute")
@@ -68,42 +76,6 @@ class Tolerance:
 
 
 @dataclass
-class DiceCounts:
-    """Per-class true-positive, false-positive and false-negative voxel counts."""
-
-    num_classes: int
-    tp: list[int] = field(default_factory=list)
-    fp: list[int] = field(default_factory=list)
-    fn: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.tp = self.tp or [0] * self.num_classes
-        self.fp = self.fp or [0] * self.num_classes
-        self.fn = self.fn or [0] * self.num_classes
-
-    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
-        valid = (label >= 0) & (label < self.num_classes)  # ignore-index voxels do not count
-        pred, label = pred[valid], label[valid]
-        for c in range(self.num_classes):
-            p, t = pred == c, label == c
-            self.tp[c] += int((p & t).sum())
-            self.fp[c] += int((p & ~t).sum())
-            self.fn[c] += int((~p & t).sum())
-
-    def per_class(self) -> list[float | None]:
-        """Dice per class over the whole set; ``None`` where a class is absent in both."""
-        out: list[float | None] = []
-        for tp, fp, fn in zip(self.tp, self.fp, self.fn):
-            denom = 2 * tp + fp + fn
-            out.append(2 * tp / denom if denom else None)
-        return out
-
-    def mean_foreground(self) -> float | None:
-        vals = [d for d in self.per_class()[1:] if d is not None]
-        return sum(vals) / len(vals) if vals else None
-
-
-@dataclass
 class VerificationReport:
     """Outcome of ``verify_artifact``; ``to_card`` gives the model-card sections."""
 
@@ -118,8 +90,8 @@ class VerificationReport:
     max_error_units: float = 0.0
     unit_values: list[float] = field(default_factory=list)
     worst: str = "none"
-    reference_dice: DiceCounts | None = None
-    artifact_dice: DiceCounts | None = None
+    reference_scores: SegmentationMetrics | None = None
+    artifact_scores: SegmentationMetrics | None = None
     probe: dict[str, Any] | None = None
     failures: list[str] = field(default_factory=list)
 
@@ -135,31 +107,53 @@ class VerificationReport:
     def passed(self) -> bool:
         return not self.failures
 
+    def scores(self) -> tuple[SegmentationScores | None, SegmentationScores | None]:
+        """``(pytorch, artifact)`` scores over the whole verification set."""
+        if self.reference_scores is None or not self.voxels:
+            return None, None
+        return self.reference_scores.compute(), self.artifact_scores.compute()
+
+    def mean_dice(self) -> tuple[float | None, float | None]:
+        ref, art = self.scores()
+        return (ref.mean_dice if ref else None), (art.mean_dice if art else None)
+
     def message(self, what: str) -> str:
         dice = ""
-        if self.reference_dice is not None and self.voxels:
-            ref, art = self.reference_dice.mean_foreground(), self.artifact_dice.mean_foreground()
+        if self.reference_scores is not None and self.voxels:
+            ref, art = self.mean_dice()
             dice = f"; mean Dice pytorch {_fmt(ref)} vs artifact {_fmt(art)}"
         return f"verification of {what} failed: {'; '.join(self.failures)}; worst mismatch: {self.worst}{dice}"
 
-    def _dice(self, counts: DiceCounts | None) -> dict[str, Any]:
-        if counts is None:
-            return {}
-        per = counts.per_class()
-        return {
-            "per_class": {name: _round(d) for name, d in zip(self.class_names, per)},
-            "mean_foreground": _round(counts.mean_foreground()),
+    def _side(self, metric: SegmentationMetrics | None, scores: SegmentationScores | None) -> tuple[dict, dict]:
+        if metric is None or scores is None:
+            return {}, {}
+        dice = {
+            "per_class": {name: _round(d) for name, d in zip(self.class_names, metric.pooled_dice())},
+            "mean_foreground": _round(scores.mean_dice),
+            "per_case_mean": {name: _round(d) for name, d in scores.case_dice.items()},
+            "per_case_mean_foreground": _round(scores.mean_case_dice),
         }
+        hd = {
+            "per_class": {name: _round(d, 3) for name, d in scores.hd95.items()},
+            "mean_foreground": _round(scores.mean_hd95, 3),
+            "missed": scores.missed, "spurious": scores.spurious,
+        }
+        return dice, hd
 
     def to_card(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(metrics, verification)`` sections of the model card."""
+        ref, art = self.scores()
+        ref_dice, ref_hd = self._side(self.reference_scores, ref)
+        art_dice, art_hd = self._side(self.artifact_scores, art)
+        definitions = (ref or art).to_dict()["definitions"] if (ref or art) else {}
         metrics = {
             "dice": {
-                "definition": "per class 2TP/(2TP+FP+FN) over all voxels of the verification set; "
-                "mean over foreground classes (index >= 1) present in prediction or label",
-                "pytorch": self._dice(self.reference_dice),
-                "artifact": self._dice(self.artifact_dice),
+                "definition": definitions.get("dice", "") + "; per_case_mean: " + definitions.get("case_dice", ""),
+                "pytorch": ref_dice,
+                "artifact": art_dice,
             },
+            "hd95_mm": {"definition": definitions.get("hd95", ""), "pytorch": ref_hd, "artifact": art_hd},
+            "evaluated": {"cases": ref.cases, "partial_cases": ref.partial_cases, "scope": ref.scope} if ref else None,
             "max_abs_diff": self.max_abs_diff,
             "argmax_agreement": self.argmax_agreement,
         }
@@ -260,7 +254,8 @@ def verify_artifact(
         batches: dicts with ``"image"`` ``[B, C, *S]`` float and ``"label"`` ``[B, *S]`` int.
         num_classes, class_names: for Dice.
         tolerance: pass/fail thresholds.
-        roi_size, divisor, overlap: whole-image inference settings (``predict_logits``).
+        roi_size, divisor, overlap: whole-image inference settings (``InferenceSettings``):
+            the model's own, as validation used them (``model.sw_overlap`` included).
         output_step: the artifact's output quantization step, if known.
         probe: an extra input (another batch size and spatial size than the data) run
             directly through both, to catch shapes baked in at trace time.
@@ -268,17 +263,17 @@ def verify_artifact(
         keep_references: if given, each batch's reference logits are appended to it.
     """
     stored = not callable(reference)
+    settings = InferenceSettings(roi_size, overlap, divisor)
     report = VerificationReport(tolerance=tolerance, class_names=list(class_names))
-    report.reference_dice = DiceCounts(num_classes)
-    report.artifact_dice = DiceCounts(num_classes)
+    report.reference_scores = SegmentationMetrics(num_classes, class_names)
+    report.artifact_scores = SegmentationMetrics(num_classes, class_names)
     comparer = _Comparer(report, output_step)
     for i, batch in enumerate(batches):
         image = batch["image"].float()
-        ref = reference[i].float() if stored else predict_logits(reference, image, roi_size=roi_size, overlap=overlap,
-                                                                  divisor=divisor)
+        ref = reference[i].float() if stored else predict_logits(reference, image, settings=settings)
         if keep_references is not None:
             keep_references.append(ref)
-        out = predict_logits(candidate, image, roi_size=roi_size, overlap=overlap, divisor=divisor).float()
+        out = predict_logits(candidate, image, settings=settings).float()
         report.batches += 1
         if not comparer.compare(f"batch {i}", ref, out):
             return report
@@ -286,8 +281,8 @@ def verify_artifact(
         report.agree += int((ref_pred == out_pred).sum())
         report.voxels += ref_pred.numel()
         label = batch["label"]
-        report.reference_dice.update(ref_pred, label)
-        report.artifact_dice.update(out_pred, label)
+        report.reference_scores.update(ref_pred, label, batch)
+        report.artifact_scores.update(out_pred, label, batch)
     if report.batches == 0:
         report.failures.append("no validation batches to verify on")
         return report
@@ -319,7 +314,6 @@ def _judge(report: VerificationReport) -> None:
             f"argmax agreement {report.argmax_agreement:.4%} < {tol.min_argmax_agreement:.4%}"
         )
     if tol.max_dice_drop is not None:
-        ref = report.reference_dice.mean_foreground() if report.reference_dice else None
-        art = report.artifact_dice.mean_foreground() if report.artifact_dice else None
+        ref, art = report.mean_dice()
         if ref is not None and art is not None and ref - art > tol.max_dice_drop:
             report.failures.append(f"mean Dice dropped {ref - art:.4f} ({ref:.4f} -> {art:.4f}) > {tol.max_dice_drop:g}")

@@ -16,8 +16,12 @@ meant for small verification sets.
 
 With ``--data FILE`` (HDF5/TFRecord in the training run's layout) the reference is PyTorch
 itself, rebuilt from ``--ckpt`` (default: the checkpoint the card names, if it is still there
-with the same sha256), on every labelled case of the file. Exit 0 when everything passes, 2
-otherwise (one line naming what failed); nothing is written unless ``--json`` is given.
+with the same sha256), on every labelled case of the file. The file must have been prepared
+the way the card's ``preprocessing`` says (orientation, spacing, intensity normalisation): a
+file with the same geometry and raw intensities (``data convert --normalize noNorm``) is
+normalised the model's way first; any other difference is refused in one line
+(``datamodules.tools.data_for_model``). Exit 0 when everything passes, 2 otherwise (one line
+naming what failed); nothing is written unless ``--json`` is given.
 """
 from __future__ import annotations
 
@@ -119,13 +123,23 @@ def _artifact(directory: Path, card: dict[str, Any]) -> Path:
 
 
 def _reference_from_data(card: dict[str, Any], data: str, ckpt: str | None, max_batches: int | None):
-    """``(PyTorch predictor, batches)`` for every labelled case of ``data``."""
+    """``(PyTorch predictor, batches, note)`` for every labelled case of ``data``, prepared as the card says."""
+    import tempfile
+
+    from datamodules.tools import data_for_model
+
+    if not Path(data).exists():
+        raise UserError(f"data file {data} does not exist")
+    with tempfile.TemporaryDirectory(prefix="verify-data-") as work:
+        path, note = data_for_model(str(data), card.get("preprocessing"), work)
+        return (*_reference_batches(card, path, ckpt, max_batches), note)
+
+
+def _reference_batches(card: dict[str, Any], data: str, ckpt: str | None, max_batches: int | None):
     from trainer.export.api import take_batches
     from trainer.restore import build_datamodule, restore_run
 
     ckpt_path = Path(ckpt) if ckpt else _card_checkpoint(card)
-    if not Path(data).exists():
-        raise UserError(f"data file {data} does not exist")
     run = restore_run(ckpt_path, with_data=False)
     # every case of the file is evaluated (no split), read the way the run read its own data
     dm = build_datamodule(ckpt_path, run.checkpoint, {"path": str(data), "generate": None, "val_fraction": 0.0,
@@ -156,9 +170,9 @@ def verify_directory(directory: Path, data: str | None = None, ckpt: str | None 
     fmt = _format(card, directory / CARD_NAME)
     artifact = _artifact(directory, card)
     static = fmt.static_checks(artifact)  # raises VerificationError naming the layer
-    probe = probe_ref = None
+    probe = probe_ref = note = None
     if data is not None:
-        reference, batches = _reference_from_data(card, data, ckpt, max_batches)
+        reference, batches, note = _reference_from_data(card, data, ckpt, max_batches)
     else:
         if ckpt is not None:
             raise UserError("--ckpt is for --data; without --data the stored verification set is used")
@@ -176,7 +190,7 @@ def verify_directory(directory: Path, data: str | None = None, ckpt: str | None 
     return {
         "artifact": str(artifact), "format": card["format"], "passed": report.passed,
         "message": None if report.passed else report.message(f"{card['format']} artifact {artifact}"),
-        "data": data or "stored verification set", "machine": machine_info(),
+        "data": data or "stored verification set", "data_note": note, "machine": machine_info(),
         "built_on": ver.get("machine"), "static_checks": static, "metrics": metrics, "verification": verification,
         "card_dice": card.get("metrics", {}).get("dice", {}).get("artifact", {}).get("mean_foreground"),
     }
@@ -194,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     if args.json:
         Path(args.json).write_text(json.dumps(outcome, indent=2, default=str) + "\n")
+    if outcome.get("data_note"):
+        print(f"note: {outcome['data_note']}", file=sys.stderr)
     here = describe(outcome["machine"])
     if not outcome["passed"]:
         print(f"error: on {here}: {outcome['message']}", file=sys.stderr)
