@@ -76,6 +76,8 @@ class BuildContext:
         input_shapes: every input shape verification will feed the artifact (for TensorRT
             optimization profiles).
         threads: onnxruntime intra-op threads for anything the format runs (0 = all cores).
+        tolerance: the user's overrides of the format's default tolerance, as given to
+            ``export_artifact`` (a format that tunes itself to pass verification aims at these).
     """
 
     net: torch.nn.Module
@@ -87,6 +89,7 @@ class BuildContext:
     work_dir: Path
     input_shapes: list[tuple[int, ...]]
     threads: int = 0
+    tolerance: Tolerance | dict[str, Any] | None = None
     _onnx: tuple[Path, dict, dict] | None = field(default=None, repr=False)
     export_warnings: list[str] = field(default_factory=list)
 
