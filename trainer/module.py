@@ -20,6 +20,7 @@ from trainer.checkpointing import load_checkpoint
 from trainer.errors import UserError
 from trainer.inference import predict_logits
 from trainer.losses import DiceCE
+from trainer.models import netinfo
 from trainer.protocols import LossContributor
 from trainer.structure import CHECKPOINT_KEY, history, replay
 
@@ -70,8 +71,8 @@ class SegmentationModule(pl.LightningModule):
         roi_size: sliding-window size for validation/test of volumes; ``None`` runs whole
             images (2D). Default None.
         sw_overlap: sliding-window overlap. Default 0.5.
-        divisor: whole-image inputs are padded to a multiple of this; ``None`` takes
-            ``net.divisor`` if the net has one, else 16.
+        divisor: whole-image inputs are padded to a multiple of this; ``None`` reads it from
+            the net (``divisor``, MONAI's ``strides``...; ``trainer.models.netinfo``), else 16.
         class_names: names for per-class metrics; ``None`` takes them from the datamodule.
         init_from: a checkpoint of this framework whose network (structure history and
             weights) this run starts from, e.g. the previous stage of a pipeline. Only the
@@ -113,7 +114,7 @@ class SegmentationModule(pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.roi_size = list(roi_size) if roi_size else None
         self.sw_overlap = sw_overlap
-        self.divisor = divisor or getattr(net, "divisor", 16)
+        self.divisor = divisor or netinfo.divisor(net)  # MONAI/nnU-Net nets: from their strides
         self.class_names = list(class_names) if class_names else None
         self.val_dice = self._dice_metric()
         self.test_dice = self._dice_metric()
@@ -161,7 +162,8 @@ class SegmentationModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        outputs = self.net(batch["image"])
+        # deep supervision stacked on one axis (MONAI's DynUNet) becomes the usual list
+        outputs = netinfo.training_outputs(self.net(batch["image"]), batch["label"].dim())
         self._check_output(outputs, batch)
         terms = {"seg": self.supervised_weight * self.supervised_loss(outputs, batch)}
         for cb in self.trainer.callbacks if self._trainer else []:
