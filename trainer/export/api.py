@@ -257,6 +257,7 @@ def export_artifact(
         ctx = BuildContext(
             net=model, example=example, batches=batches, meta=meta, opset=opset, out_dir=staging,
             work_dir=work, input_shapes=_observed_shapes(batches, meta, probe), threads=threads, tolerance=tolerance,
+            probe=probe,
         )
         result = fmt.build(ctx)
         static = fmt.static_checks(result.artifact)  # data-free checks that hold on every machine

@@ -1,7 +1,7 @@
 """Which layers of a float network ``onnx-int8-cpu`` quantizes, chosen by measurement.
 
-A first artifact quantizes every layer onnxruntime can; it is scored against the float graph on
-the calibration inputs with the format's own tolerance (logits within ``atol`` output steps,
+A first artifact quantizes every layer onnxruntime can; it is scored against the PyTorch model
+on the calibration inputs and verification's shape probe with the tolerance verification will apply (logits within ``atol`` output steps,
 argmax agreement), tightened by ``MARGIN`` because verification later scores the artifact on
 whole images, shape probes and sliding windows. Most BatchNorm networks pass at once and
 nothing changes. Otherwise each weighted layer (Conv, ConvTranspose, MatMul, Gemm) is measured
@@ -36,7 +36,7 @@ Quantize = Callable[[Path, Sequence[str]], None]  # (destination, node names lef
 
 @dataclass
 class Score:
-    """How an INT8 graph compares with the float graph on the calibration inputs."""
+    """How an INT8 graph compares with the PyTorch model on the calibration inputs."""
 
     exceed_fraction: float  # logits more than atol output steps away
     argmax_agreement: float
@@ -68,7 +68,7 @@ class Selection:
 
     def to_card(self) -> dict:
         card = {"rule": f"every layer quantized unless leaving it in float was measured necessary; scored against the "
-                        f"float graph on the calibration inputs with the format tolerance x{MARGIN}",
+                        f"PyTorch model on the calibration inputs with the verification tolerance x{MARGIN}",
                 "weighted_layers": self.weighted_layers, "left_float": list(self.left_float),
                 "quantization_runs": self.quantizations,
                 "first_attempt": self.first.to_card() if self.first else None,
@@ -80,12 +80,10 @@ class Selection:
 
 
 class _Scorer:
-    """Float reference outputs of the calibration inputs, and the score of an INT8 graph."""
+    """The score of an INT8 graph against reference outputs of the calibration inputs."""
 
-    def __init__(self, float_model: Path, arrays: Sequence[np.ndarray], tol: Tolerance):
-        sess = ort_session(float_model, threads=0)
-        self.arrays, self.tol = list(arrays), tol
-        self.reference = [sess.run(None, {INPUT_NAME: a})[0] for a in self.arrays]
+    def __init__(self, reference: Sequence[np.ndarray], arrays: Sequence[np.ndarray], tol: Tolerance):
+        self.arrays, self.reference, self.tol = list(arrays), list(reference), tol
 
     def __call__(self, int8_model: Path) -> Score:
         sess = ort_session(int8_model, threads=0)
@@ -106,11 +104,21 @@ def weighted_layers(model_path: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in WEIGHTED and n.name]
 
 
-def select_layers(float_model: Path, arrays: Sequence[np.ndarray], tol: Tolerance, quantize: Quantize,
-                  work_dir: Path) -> tuple[Path, Selection]:
+def select_layers(float_model: Path, arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray], tol: Tolerance,
+                  quantize: Quantize, work_dir: Path) -> tuple[Path, Selection]:
     """Quantize ``float_model`` (through ``quantize``), leaving in float the layers measurement
-    says must be; returns the chosen INT8 file and what was done."""
-    score = _Scorer(float_model, arrays, tol)
+    says must be; returns the chosen INT8 file and what was done.
+
+    Args:
+        float_model: the graph to quantize (its weighted layers are the candidates).
+        arrays: the inputs to score on (the calibration inputs and verification's shape probe).
+        reference: what verification compares with, for each array: the PyTorch model's
+            logits (the fake-quantized model's, for trained scales).
+        tol: the tolerance verification will apply.
+        quantize: ``(destination, layers left in float) -> None``.
+        work_dir: scratch folder.
+    """
+    score = _Scorer(reference, arrays, tol)
     layers = weighted_layers(float_model)
     sel = Selection(weighted_layers=len(layers))
 

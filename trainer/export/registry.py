@@ -78,6 +78,7 @@ class BuildContext:
         threads: onnxruntime intra-op threads for anything the format runs (0 = all cores).
         tolerance: the user's overrides of the format's default tolerance, as given to
             ``export_artifact`` (a format that tunes itself to pass verification aims at these).
+        probe: the shape-probe input verification also runs (batch 2, other spatial sizes).
     """
 
     net: torch.nn.Module
@@ -90,6 +91,7 @@ class BuildContext:
     input_shapes: list[tuple[int, ...]]
     threads: int = 0
     tolerance: Tolerance | dict[str, Any] | None = None
+    probe: torch.Tensor | None = None
     _onnx: tuple[Path, dict, dict] | None = field(default=None, repr=False)
     export_warnings: list[str] = field(default_factory=list)
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from trainer.errors import UserError
 from trainer.export.calibration import ArrayReader, calibration_arrays
 from trainer.export.int8_safety import check_int8_accumulation
@@ -169,18 +171,23 @@ class OnnxInt8Cpu(ExportFormat):
                     "exports Q/DQ nodes of its own: use --format onnx-qdq, or tensorrt"
                 )
         prepared, preprocess = self._preprocess(src, ctx)
-        # layers are matched on the graph that gets quantized (pre-processing renames tensors)
-        trained = (trained_overrides(float_net, grids, prepared, ctx.example, self.weight_type, self.reduce_range)
-                   if grids else None)
         arrays = calibration_arrays(
             ctx.batches, num_batches=self.calibration_batches, divisor=ctx.meta.divisor,
             roi_size=ctx.meta.roi_size, windows_per_volume=self.windows_per_volume,
         )
-        if trained:
-            quantized, choice = ctx.work_dir / "int8.onnx", {}
-            self._quantize(prepared, quantized, arrays, trained.overrides)
-        else:
-            quantized, choice = self._quantize_float(prepared, arrays, ctx)
+        norms = sorted({n for n in node_counts(prepared)["by_op"] if n in NORM_OPS})
+        choice: dict[str, Any] = {"op_types": list(int8_select.WEIGHTED) if norms else "onnxruntime's defaults"}
+        if norms:
+            choice["float_ops"] = norms
+        if norms and self.equalize_norms:  # before matching: trained weight scales follow the factors
+            equalized = ctx.work_dir / "equalized.onnx"
+            choice["norm_equalization"] = equalize_for_norms(prepared, equalized, arrays, INPUT_NAME).to_card()
+            prepared = equalized
+        # layers are matched on the graph that gets quantized (pre-processing renames tensors)
+        trained = (trained_overrides(float_net, grids, prepared, ctx.example, self.weight_type, self.reduce_range)
+                   if grids else None)
+        quantized, selection = self._quantize_chosen(prepared, arrays, trained, bool(norms), ctx)
+        choice.update(selection)
         artifact = ctx.out_dir / self.filename
         _, after = simplify_onnx(quantized, artifact)
         quantized_ops = {op: n for op, n in after["by_op"].items() if op in QUANTIZED_OPS}
@@ -243,40 +250,38 @@ class OnnxInt8Cpu(ExportFormat):
         before, _ = simplify_onnx(raw, slim)
         return slim, before
 
-    def _quantize_float(self, src: Path, arrays, ctx: BuildContext) -> tuple[Path, dict[str, Any]]:
-        """A float network. Without Instance/Group/LayerNorm: onnxruntime's defaults, as measured
-        in ``bench_int8_cpu.py``. With them: the norms stay in float, the convolutions feeding them
-        are equalized, only weighted layers are quantized and those left in float are chosen by
-        measurement. Returns the INT8 file and the card entries saying what was done."""
+    def _quantize_chosen(self, src: Path, arrays, trained, norms: bool, ctx: BuildContext) -> tuple[Path, dict[str, Any]]:
+        """Quantize ``src``. Without Instance/Group/LayerNorm: onnxruntime's default op types, as
+        measured in ``bench_int8_cpu.py``. With them: only weighted layers, and those left in
+        float chosen by measurement (``int8_select``). Returns the file and its card entries."""
+        overrides = trained.overrides if trained else None
         quantized = ctx.work_dir / "int8.onnx"
-        norms = sorted({n for n in node_counts(src)["by_op"] if n in NORM_OPS})
-        if not norms:
-            self._quantize(src, quantized, arrays, None)
-            return quantized, {"op_types": "onnxruntime's defaults"}
-        card: dict[str, Any] = {"op_types": list(int8_select.WEIGHTED), "float_ops": norms}
-        if self.equalize_norms:
-            equalized = ctx.work_dir / "equalized.onnx"
-            card["norm_equalization"] = equalize_for_norms(src, equalized, arrays, INPUT_NAME).to_card()
-            src = equalized
+        if not norms or not self.select_layers:
+            self._quantize(src, quantized, arrays, overrides, int8_select.WEIGHTED if norms else None)
+            return quantized, {}
 
         def quantize(dst: Path, left_float) -> None:
-            self._quantize(src, dst, arrays, None, int8_select.WEIGHTED, left_float)
+            self._quantize(src, dst, arrays, overrides, int8_select.WEIGHTED, left_float)
 
-        if not self.select_layers:
-            quantize(quantized, [])
-            return quantized, card
-        tol = _aimed_tolerance(self.tolerance, ctx.tolerance)
-        path, selection = int8_select.select_layers(src, arrays, tol, quantize, ctx.work_dir)
+        tol = _aimed_tolerance(self.trained_tolerance if trained else self.tolerance, ctx.tolerance)
+        # scored where verification looks: the calibration inputs and the shape probe
+        scored = list(arrays) + ([ctx.probe.numpy()] if ctx.probe is not None else [])
+        with torch.no_grad():
+            reference = [ctx.net(torch.from_numpy(a)).numpy() for a in scored]
+        path, selection = int8_select.select_layers(src, scored, reference, tol, quantize, ctx.work_dir)
         if not selection.final.passes(tol) or len(selection.left_float) == selection.weighted_layers:
-            raise UserError(f"onnx-int8-cpu: {type(ctx.net).__name__} misses the INT8 tolerance unless all its "
-                            f"{selection.weighted_layers} weighted layers stay in float (calibration inputs, all-INT8: "
-                            f"argmax agreement {selection.first.argmax_agreement:.4%}, logits beyond {tol.atol:g} steps "
-                            f"{selection.first.exceed_fraction:.3%}); export onnx, or train with QAT and export its trained scales")
+            first, final = selection.first, selection.final
+            advice = ("the QAT model's own activation quantization is part of the reference; the float-calibrated "
+                      "artifact of its float checkpoint, or onnx-qdq, may fit" if trained else
+                      "export onnx, or train with QAT and export its trained scales")
+            raise UserError(f"onnx-int8-cpu: {type(ctx.net).__name__} misses the INT8 tolerance on the calibration inputs "
+                            f"unless all its {selection.weighted_layers} weighted layers stay in float (all INT8: argmax "
+                            f"agreement {first.argmax_agreement:.4%}, logits beyond {tol.atol:g} steps {first.exceed_fraction:.3%}; "
+                            f"all float: {final.argmax_agreement:.4%}, {final.exceed_fraction:.3%}); {advice}")
         if len(selection.left_float) * 2 > selection.weighted_layers:
             log.warning("onnx-int8-cpu: %d of %d weighted layers stay in float to meet the tolerance; expect little speed-up",
                         len(selection.left_float), selection.weighted_layers)
-        card["layer_selection"] = selection.to_card()
-        return path, card
+        return path, {"layer_selection": selection.to_card()}
 
     def _quantize(self, src: Path, dst: Path, arrays, overrides, op_types=None, left_float=()) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
