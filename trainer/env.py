@@ -34,9 +34,16 @@ def _has_nvidia_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None
 
 
+# Installed without their declared dependencies: dynamic-network-architectures (nnU-Net's
+# networks, for nnU-Net teachers) requires timm, which pulls a torchvision wheel built for
+# another torch; with the CPU torch its C extension fails to load and breaks torchmetrics'
+# import. Its U-Nets need only torch, numpy and einops.
+NO_DEPS = ("dynamic-network-architectures>=0.4", "einops")
+
+
 def _stamp() -> str:
     pin = "" if _has_nvidia_gpu() else CPU_TORCH_PIN
-    text = (ROOT / "pyproject.toml").read_bytes() + f"{EXTRAS}|{pin}".encode()
+    text = (ROOT / "pyproject.toml").read_bytes() + f"{EXTRAS}|{pin}|{','.join(NO_DEPS)}".encode()
     return hashlib.sha256(text).hexdigest()
 
 
@@ -64,5 +71,6 @@ def _install() -> None:
     print(f"[setup] installing compressseg[{EXTRAS}] into {VENV} ({pin}); takes a few minutes once", flush=True)
     try:
         subprocess.run(cmd, check=True)
+        subprocess.run([*cmd[:5], "--no-deps", "-c", cons.name, *NO_DEPS], check=True)
     finally:
         os.unlink(cons.name)
