@@ -125,6 +125,35 @@ def test_plans_cannot_import_arbitrary_code(tmp_path):
         load_teacher(folder)
 
 
+def _break_plans(folder, change):
+    plans = json.loads((folder / "plans.json").read_text())
+    change(plans["configurations"]["2d"])
+    (folder / "plans.json").write_text(json.dumps(plans))
+
+
+BROKEN = {
+    "plans not JSON": (lambda f: (f / "plans.json").write_text("{"), r"plans.json is not readable JSON"),
+    "checkpoint garbage": (lambda f: (f / "fold_0" / "checkpoint_final.pth").write_bytes(b"not a checkpoint"),
+                           r"checkpoint_final.pth is not readable with weights_only=True"),
+    "weights of another net": (lambda f: _break_plans(f, lambda c: c["architecture"]["arch_kwargs"].update(
+        features_per_stage=[8, 16, 32])), r"checkpoint_final.pth does not fit the network of nnU-Net teacher .*size mismatch"),
+    "old plans": (lambda f: _break_plans(f, lambda c: c.pop("architecture")), r"no 'architecture' with 'network_class_name'"),
+    "regions": (lambda f: (f / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {
+        "background": 0, "whole": [1, 2], "core": 2}})), r"dataset.json defines regions"),
+    "no checkpoint": (lambda f: (f / "fold_0" / "checkpoint_final.pth").unlink(), r"fold_0: no checkpoint_final.pth or"),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+def test_broken_nnunet_folders_are_named_in_one_line(tmp_path, broken):
+    folder = write_model_folder(tmp_path, steps=1)
+    damage, match = BROKEN[broken]
+    damage(folder)
+    with pytest.raises(UserError, match=match) as err:
+        load_teacher(folder)
+    assert "\n" not in str(err.value)
+
+
 class RawCT(TinySegDataModule):
     """Tiny 2D data holding raw Hounsfield units, with the record ``data convert --normalize noNorm`` writes."""
 
