@@ -48,16 +48,18 @@ def test_ci_and_machines_without_a_driver_get_the_pinned_cpu_build(monkeypatch):
     monkeypatch.setattr(env, "gpu_driver", lambda: pytest.fail("nvidia-smi asked under CI"))
     assert env.detect_build({"CI": "true"}).tag == "cpu"
     commands = env.install_commands("/v/bin/python", env.detect_build({"CI": "1"}), "/tmp/cons.txt")
-    assert commands == [["/v/bin/python", "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                         "-c", "/tmp/cons.txt", "-e", f"{env.ROOT}[dev,deepspeed]"]]
+    pip = ["/v/bin/python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    assert commands == [pip + ["-c", "/tmp/cons.txt", "-e", f"{env.ROOT}[dev,deepspeed]"],
+                        pip + ["--no-deps", "-c", "/tmp/cons.txt", *env.NO_DEPS]]
 
 
 def test_gpu_install_pins_torch_to_the_driver_build_then_adds_tensorrt():
     build = env.choose_torch_build(env.Driver((570, 86, 10), (12, 8), ["GPU"]), {})
-    torch_cmd, package_cmd, trt_cmd = env.install_commands("py", build, "cons.txt")
+    torch_cmd, package_cmd, no_deps_cmd, trt_cmd = env.install_commands("py", build, "cons.txt")
     assert torch_cmd[-3:] == ["--index-url", "https://download.pytorch.org/whl/cu128", f"torch=={env.TORCH_VERSION}"]
     assert package_cmd[-4:] == ["-c", "cons.txt", "-e", f"{env.ROOT}[dev,deepspeed]"]  # stays on that torch
-    assert trt_cmd[-1] == "tensorrt-cu12>=10"
+    assert no_deps_cmd[-len(env.NO_DEPS) - 3:] == ["--no-deps", "-c", "cons.txt", *env.NO_DEPS]
+    assert trt_cmd[-1] == "tensorrt-cu12>=10"  # last: optional
 
 
 def test_override_picks_the_build_and_is_checked():

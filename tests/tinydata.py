@@ -41,6 +41,7 @@ class TinySegDataModule(pl.LightningDataModule):
         self.spatial_dims = spatial_dims
         self.num_classes = num_classes
         self.in_channels = 1
+        self.patch_size = [size] * spatial_dims  # training items are whole images of this size
         self.class_names = ["background"] + [f"organ{i}" for i in range(1, num_classes)]
         h = self.hparams
         self.train_items = [make_sample(i, spatial_dims, size, num_classes, seed) for i in range(n_train)]

@@ -94,6 +94,13 @@ def _has_nvidia_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None
 
 
+# Installed without their declared dependencies: dynamic-network-architectures (nnU-Net's
+# networks, for nnU-Net teachers) requires timm, which pulls a torchvision wheel built for
+# another torch; with the CPU torch its C extension fails to load and breaks torchmetrics'
+# import. Its U-Nets need only torch, numpy and einops.
+NO_DEPS = ("dynamic-network-architectures>=0.4", "einops")
+
+
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text))
 
@@ -175,14 +182,15 @@ def install_commands(python: str, build: TorchBuild, constraints: str) -> list[l
     chosen torch version (``torch==2.13.0`` also matches ``2.13.0+cu128``)."""
     pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     package = ["-c", constraints, "-e", f"{ROOT}[{EXTRAS}]"]
+    no_deps = pip + ["--no-deps", "-c", constraints, *NO_DEPS]
     if not build.cuda:
-        return [pip + package]
-    return [pip + ["--index-url", build.index_url, CPU_TORCH_PIN], pip + package, pip + [build.tensorrt_package]]
+        return [pip + package, no_deps]
+    return [pip + ["--index-url", build.index_url, CPU_TORCH_PIN], pip + package, no_deps, pip + [build.tensorrt_package]]
 
 
 def _stamp(build: TorchBuild) -> str:
     pin = CPU_TORCH_PIN if not build.cuda else f"{CPU_TORCH_PIN}+{build.tag}|tensorrt"
-    text = (ROOT / "pyproject.toml").read_bytes() + f"{EXTRAS}|{pin}".encode()
+    text = (ROOT / "pyproject.toml").read_bytes() + f"{EXTRAS}|{pin}|{','.join(NO_DEPS)}".encode()
     return hashlib.sha256(text).hexdigest()
 
 

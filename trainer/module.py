@@ -24,6 +24,7 @@ from trainer.errors import UserError
 from trainer.inference import SW_BATCH_SIZE, InferenceSettings, predict_logits
 from trainer.losses import DiceCE
 from trainer.metrics import SegmentationMetrics
+from trainer.models import netinfo
 from trainer.protocols import LossContributor
 from trainer.structure import CHECKPOINT_KEY, history, replay
 from trainer.zero3_eval import EvenForwards, forward_passes, is_phantom, through_engine
@@ -81,8 +82,8 @@ class SegmentationModule(pl.LightningModule):
             images (2D). Default None.
         sw_overlap: sliding-window overlap, used by validation, export verification and the
             report alike. Default 0.5.
-        divisor: whole-image inputs are padded to a multiple of this; ``None`` takes
-            ``net.divisor`` if the net has one, else 16.
+        divisor: whole-image inputs are padded to a multiple of this; ``None`` reads it from
+            the net (``divisor``, MONAI's ``strides``...; ``trainer.models.netinfo``), else 16.
         class_names: names for per-class metrics; ``None`` takes them from the datamodule.
         init_from: a checkpoint of this framework whose network (structure history and
             weights) this run starts from, e.g. the previous stage of a pipeline. Only the
@@ -128,7 +129,7 @@ class SegmentationModule(pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.roi_size = list(roi_size) if roi_size else None
         self.sw_overlap = sw_overlap
-        self.divisor = divisor or getattr(net, "divisor", 16)
+        self.divisor = divisor or netinfo.divisor(net)  # MONAI/nnU-Net nets: from their strides
         self.class_names = list(class_names) if class_names else None
         self.eval_hd95 = bool(eval_hd95)
         self.val_metrics = self._metrics()
@@ -180,7 +181,8 @@ class SegmentationModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        outputs = self.net(batch["image"])
+        # deep supervision stacked on one axis (MONAI's DynUNet) becomes the usual list
+        outputs = netinfo.training_outputs(self.net(batch["image"]), batch["label"].dim())
         self._check_output(outputs, batch)
         terms = {"seg": self.supervised_weight * self.supervised_loss(outputs, batch)}
         for cb in self.trainer.callbacks if self._trainer else []:

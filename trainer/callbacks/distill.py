@@ -80,7 +80,8 @@ from torch import nn
 
 from trainer.distill import losses
 from trainer.distill.features import Adapters, FeatureTap
-from trainer.distill.teacher import ENSEMBLE_MODES, TeacherEnsemble, load_teacher, main_output
+from trainer.distill.teacher import ENSEMBLE_MODES, TeacherEnsemble, bind_to_data, load_teacher, main_output
+from trainer.distill.teacher_input import MODES as TEACHER_INPUT_MODES
 from trainer.errors import UserError
 from trainer.precision import as_input, low_precision, param_dtype
 from trainer.structure import history
@@ -200,6 +201,10 @@ class Distillation(pl.Callback):
         probe_size: spatial size of the dummy input used in ``setup`` to check shapes and
             size the adapters; default the datamodule's ``patch_size``, else
             ``2 * divisor`` per axis.
+        teacher_input: teachers that carry their own preprocessing (nnU-Net folders, MONAI
+            bundles): ``"check"`` compares it with the data file's preprocessing record, applies
+            the teacher's voxel-wise normalisation to raw channels and refuses other mismatches;
+            ``"as_is"`` feeds the batches unchanged (you vouch for the data). Default "check".
     """
 
     # every term compares student and teacher, not the label (``correct_only`` counts all of an
@@ -225,6 +230,7 @@ class Distillation(pl.Callback):
         affinity: list[AffinityTerm] | None = None,
         cache: str | None = None,
         probe_size: list[int] | None = None,
+        teacher_input: Literal["check", "as_is"] = "check",
     ):
         self.teacher_paths = [teacher] if isinstance(teacher, str) else list(teacher or [])
         if not self.teacher_paths and cache is None:
@@ -259,6 +265,9 @@ class Distillation(pl.Callback):
         self.correct_only = bool(correct_only)
         self.ds_weights = list(ds_weights) if ds_weights is not None else None
         self.cache_path, self.probe_size = cache, probe_size
+        if teacher_input not in TEACHER_INPUT_MODES:
+            raise UserError(f"Distillation: teacher_input={teacher_input!r} must be one of {list(TEACHER_INPUT_MODES)}")
+        self.teacher_input = teacher_input
         self.teacher: TeacherEnsemble | None = None
         self.teacher_infos: list[dict[str, str]] = []
         self.cache = None  # trainer.distill.cache.TeacherCache in offline mode
@@ -326,6 +335,7 @@ class Distillation(pl.Callback):
         self.teacher = TeacherEnsemble([net for net, _ in loaded], self.ensemble, self.temperature)
         self.teacher_infos = [info for _, info in loaded]
         rank_zero_info(f"Distillation: teacher(s) {[i['path'] for i in self.teacher_infos]}")
+        bind_to_data(self.teacher, self.teacher_infos, trainer.datamodule, self.teacher_input)
 
     def _probe_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
         net, dm = self._student(pl_module), getattr(trainer, "datamodule", None)

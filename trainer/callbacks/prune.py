@@ -110,8 +110,10 @@ class PruneRetrain(pl.Callback):
             cancellation between batches near a fit). Default ``"sum"``.
         rewind_lr: after each round, restart optimizer and scheduler at the recipe's
             initial LR (LR rewinding) instead of carrying their state over. Default False.
-        example_shape: input shape used to trace the network, e.g. ``[2, 1, 64, 64]``;
-            default ``[2, in_channels, 2*divisor, ...]`` from the net.
+        example_shape: input shape used to trace the network, e.g. ``[2, 1, 64, 64]``. Not
+            needed: by default ``[2, in_channels, *patch_size]`` from the datamodule (the data
+            the network trains on), else ``[2, in_channels, 2*divisor, ...]`` read from the
+            network (``trainer.models.netinfo``: MONAI's and nnU-Net's networks included).
         make_permanent: unstructured: fold masks into the weights at the end of fit.
             Default True.
         report_dir: where ``prune_rounds.csv/.md`` go; default the trainer's ``log_dir``.
@@ -203,13 +205,13 @@ class PruneRetrain(pl.Callback):
             plan = prune_channels(
                 net, ratio, importance=self.importance, global_pruning=self.global_pruning,
                 layer_ratios={k: v * fraction for k, v in self.layer_ratios.items()},
-                protected=self.protected, round_to=self.round_to, example_shape=self.example_shape,
+                protected=self.protected, round_to=self.round_to, example_shape=self._trace_shape(trainer, net),
             )
             plan["round"] = index + 1
             record(net, StructuredPrune, plan)
             self._check_ranks_agree(trainer, plan)
         else:
-            sparsity.sparsify(net, ratio, protected=self._protected_and_outputs(net))
+            sparsity.sparsify(net, ratio, protected=self._protected_and_outputs(trainer, net))
         if before is not None:
             rebuild_optimizers(trainer, pl_module, before, plan, rewind=self.rewind_lr)
         self.rounds_done += 1
@@ -334,10 +336,27 @@ class PruneRetrain(pl.Callback):
                 f"net (its start_epoch: {qat_start}); set QuantizationAwareTraining.start_epoch to the last round's "
                 f"epoch ({self.schedule.epoch_of(self.schedule.rounds - 1)}) or later")
 
-    def _protected_and_outputs(self, net: nn.Module) -> list[str]:
+    def _protected_and_outputs(self, trainer: pl.Trainer, net: nn.Module) -> list[str]:
         if self._outputs is None:
-            self._outputs, _ = output_layers(net, example_input(net, self.example_shape))
+            self._outputs, _ = output_layers(net, example_input(net, self._trace_shape(trainer, net)))
         return [*self.protected, *self._outputs]
+
+    @staticmethod
+    def _data_input(trainer: pl.Trainer) -> tuple[int, list[int]] | None:
+        """``(channels, patch size)`` of the training data, when the datamodule says."""
+        dm = trainer.datamodule if trainer is not None else None
+        patch, cin = getattr(dm, "patch_size", None), getattr(dm, "in_channels", None)
+        if patch and isinstance(cin, int):
+            return cin, [int(s) for s in patch]
+        return None
+
+    def _trace_shape(self, trainer: pl.Trainer, net: nn.Module) -> list[int] | None:
+        """Input shape for tracing: ``example_shape``, else two training patches, else ``None``
+        (the network's own attributes, see :func:`trainer.prune.structured.example_input`)."""
+        if self.example_shape:
+            return self.example_shape
+        data = self._data_input(trainer)
+        return [2, data[0], *data[1]] if data else None
 
     def _train_loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         """A fresh training loader (the running one is not touched: its position is checkpointed)."""
@@ -380,14 +399,11 @@ class PruneRetrain(pl.Callback):
                             "structured pruning under DDP needs identical weights on every rank")
 
     def _measure_shape(self, trainer: pl.Trainer, net: nn.Module) -> list[int] | None:
-        patch = getattr(trainer.datamodule, "patch_size", None) if trainer.datamodule is not None else None
-        cin = getattr(net, "in_channels", None)
-        if patch and cin:
-            return [1, int(cin), *[int(s) for s in patch]]
-        return self.example_shape
+        shape = self._trace_shape(trainer, net)
+        return [1, *shape[1:]] if shape else None
 
     def _measure(self, trainer: pl.Trainer, net: nn.Module) -> dict[str, float]:
-        return measure(net, self._measure_shape(trainer, net), protected=self._protected_and_outputs(net))
+        return measure(net, self._measure_shape(trainer, net), protected=self._protected_and_outputs(trainer, net))
 
     @staticmethod
     def _scores(trainer: pl.Trainer) -> dict[str, float]:

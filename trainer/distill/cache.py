@@ -52,7 +52,8 @@ import h5py
 import numpy as np
 import torch
 
-from trainer.distill.teacher import ENSEMBLE_MODES, TeacherEnsemble, load_teacher, sha256_file
+from trainer.distill.teacher import ENSEMBLE_MODES, TeacherEnsemble, bind_to_data, load_teacher, sha256_file
+from trainer.distill.teacher_input import MODES as TEACHER_INPUT_MODES
 from trainer import collectives, host_copy
 from trainer.errors import UserError
 from trainer.inference import predict_logits
@@ -403,6 +404,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="2D slices per teacher forward")
     p.add_argument("--overlap", type=float, default=0.5, help="3D sliding-window overlap")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--teacher-input", default="check", choices=TEACHER_INPUT_MODES,
+                   help="teachers with their own preprocessing (nnU-Net folders, MONAI bundles): check the data's "
+                        "record and normalise raw channels their way, or feed the cases as they are (as_is)")
     return p
 
 
@@ -417,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     dm = _datamodule_from_recipe(args.data_config)
     loaded = [load_teacher(p, args.teacher_class, init_args) for p in args.teacher]
     teacher = TeacherEnsemble([net for net, _ in loaded], args.ensemble, args.temperature)
+    bind_to_data(teacher, [info for _, info in loaded], dm, args.teacher_input)
     indices = dm.splits["train"] if args.cases == "train" else None
     write_cache(args.out, teacher, [info for _, info in loaded], dm, indices, args.batch_size, args.overlap, args.device)
     size = os.path.getsize(args.out) / 2**20

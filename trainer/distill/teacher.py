@@ -1,10 +1,22 @@
 """Loading, freezing and ensembling the teacher networks of a distillation run.
 
-A teacher is either a checkpoint of this framework (``launch.py fit`` wrote it; the network
-is rebuilt by :func:`trainer.restore.restore_run`, pruned/QAT structure included), or any
-``nn.Module`` named by ``class_path`` (+ ``init_args``) plus a weights file (a raw
-``state_dict``, or a checkpoint holding one under ``"state_dict"``; a ``net.``/``model.``/
-``module.`` prefix is stripped). Files are read with ``weights_only=True``.
+A teacher is one of:
+
+* a checkpoint of this framework (``launch.py fit`` wrote it; the network is rebuilt by
+  :func:`trainer.restore.restore_run`, pruned/QAT structure included);
+* any ``nn.Module`` named by ``class_path`` (+ ``init_args``) plus a weights file (a raw
+  ``state_dict``, or a checkpoint holding one under ``"state_dict"``; a ``net.``/``model.``/
+  ``module.`` prefix is stripped) -- a MONAI network's plain state dict, say;
+* a trained **nnU-Net v2** model folder (``plans.json``, ``dataset.json``,
+  ``fold_X/checkpoint_final.pth``; :mod:`trainer.distill.nnunet`);
+* a **MONAI bundle** folder (``configs/inference.json``, ``models/model.pt``;
+  :mod:`trainer.distill.bundle`).
+
+The last two carry their own preprocessing (normalisation, axis order, spacing): they are
+wrapped in :class:`trainer.distill.teacher_input.PreprocessedTeacher`, and
+:func:`bind_to_data` checks the student's data against what they expect before training
+(the teacher's normalisation is applied to raw channels, other mismatches are refused).
+Files are read with ``weights_only=True``.
 
 Teachers are frozen (eval mode, ``requires_grad=False``) and are never registered in the
 student's LightningModule: they stay out of its ``state_dict``, its optimizer and the
@@ -22,6 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from trainer.distill import bundle, nnunet
+from trainer.distill.teacher_input import PreprocessedTeacher, bind, spacing_warning
 from trainer.export.card import sha256_file  # noqa: F401  (re-exported for trainer.distill.cache)
 from trainer.errors import UserError
 from trainer.inputs import file_problem
@@ -50,13 +66,22 @@ def load_teacher(path: str | Path, class_path: str | None = None,
     """Load and freeze one teacher; returns ``(net, {"path", "sha256", "class_path"})``.
 
     Args:
-        path: a framework checkpoint (``class_path=None``) or a weights file.
+        path: a framework checkpoint, an nnU-Net v2 model folder (configuration or fold folder,
+            or its checkpoint file) or a MONAI bundle folder (``class_path=None``), or a
+            weights file.
         class_path: import path of the teacher's ``nn.Module`` class, for plain weights files.
         init_args: keyword arguments of that class.
         hasher: ``path -> sha256`` (default: hash the file here); a training run passes one
             that hashes once per node and shares the result with the other ranks.
     """
     path = Path(path)
+    if class_path is None and nnunet.is_nnunet(path):
+        return _from_nnunet(path)
+    if class_path is None and bundle.is_bundle(path):
+        net, expected, cls = bundle.build_network(path)
+        weights = next(path / w for w in bundle.WEIGHTS if (path / w).is_file())
+        info = {"path": str(path), "sha256": sha256_file(weights), "class_path": cls, "input": expected["source"]}
+        return freeze(PreprocessedTeacher(net, expected)), info
     if problem := file_problem(path):
         raise UserError(f"teacher checkpoint {path} {problem} (Distillation.teacher)")
     if class_path is None:
@@ -66,6 +91,37 @@ def load_teacher(path: str | Path, class_path: str | None = None,
     info = {"path": str(path), "sha256": (hasher or sha256_file)(str(path)),
             "class_path": class_path or f"{type(net).__module__}.{type(net).__qualname__}"}
     return freeze(net), info
+
+
+def _from_nnunet(path: Path) -> tuple[nn.Module, dict[str, str]]:
+    model = nnunet.locate(path)
+    net = nnunet.build_network(model)
+    expected = nnunet.expected_input(model)
+    info = {"path": str(path), "sha256": sha256_file(model.checkpoint),
+            "class_path": f"{type(net).__module__}.{type(net).__qualname__}", "input": expected["source"]}
+    return freeze(PreprocessedTeacher(net, expected)), info
+
+
+def bind_to_data(teacher: "TeacherEnsemble", infos: Sequence[dict[str, str]], datamodule, mode: str = "check") -> list[str]:
+    """Check each teacher's expected input against the data's preprocessing record
+    (``datamodule.preprocessing``, written by ``data convert``) and set the transforms that
+    give it its input; returns the sentences said (one per teacher). One-line ``UserError``
+    when the data cannot be given a teacher's way (see :mod:`trainer.distill.teacher_input`)."""
+    record = getattr(datamodule, "preprocessing", None)
+    data = getattr(datamodule, "path", None) or type(datamodule).__name__
+    said = []
+    for member, info in zip(teacher.members, infos):
+        expected = member.expected if isinstance(member, PreprocessedTeacher) else None
+        transforms, sentence = bind(expected, record, str(data), info["path"], mode)
+        if isinstance(member, PreprocessedTeacher):
+            member.bind(transforms)
+        if expected and expected.get("unrecognised_transforms"):
+            sentence += f"; not applied (check them): {expected['unrecognised_transforms']}"
+        if (warning := spacing_warning(expected, record, info["path"])) is not None:
+            rank_zero_warn(warning)
+        rank_zero_info(f"Distillation: {sentence}")
+        said.append(sentence)
+    return said
 
 
 def _from_framework_checkpoint(path: Path) -> nn.Module:
@@ -155,7 +211,9 @@ class TeacherEnsemble(nn.Module):
 
     @property
     def first(self) -> nn.Module:
-        return self.members[0]
+        """The first teacher's network (feature hooks use its own module paths)."""
+        member = self.members[0]
+        return member.net if isinstance(member, PreprocessedTeacher) else member
 
     def train(self, mode: bool = True) -> "TeacherEnsemble":
         return super().train(False)  # a teacher is always in eval mode

@@ -271,8 +271,8 @@ def export_artifact(
         work.mkdir()
         ctx = BuildContext(
             net=model, example=example, batches=batches, meta=meta, opset=opset, out_dir=staging,
-            work_dir=work, input_shapes=_observed_shapes(batches, meta, probe), threads=threads,
-            exporter=getattr(fmt, "exporter", "torchscript"),
+            work_dir=work, input_shapes=_observed_shapes(batches, meta, probe), threads=threads, tolerance=tolerance,
+            probe=probe, exporter=getattr(fmt, "exporter", "torchscript"),
         )
         result = fmt.build(ctx)
         static = fmt.static_checks(result.artifact)  # data-free checks that hold on every machine

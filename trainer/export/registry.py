@@ -84,6 +84,9 @@ class BuildContext:
             optimization profiles).
         threads: onnxruntime intra-op threads for anything the format runs (0 = all cores).
         exporter: ``"torchscript"`` or ``"dynamo"``: which torch exporter ``simplified_onnx`` uses.
+        tolerance: the user's overrides of the format's default tolerance, as given to
+            ``export_artifact`` (a format that tunes itself to pass verification aims at these).
+        probe: the shape-probe input verification also runs (batch 2, other spatial sizes).
     """
 
     net: torch.nn.Module
@@ -96,6 +99,8 @@ class BuildContext:
     input_shapes: list[tuple[int, ...]]
     threads: int = 0
     exporter: str = "torchscript"
+    tolerance: Tolerance | dict[str, Any] | None = None
+    probe: torch.Tensor | None = None
     _onnx: tuple[Path, dict, dict] | None = field(default=None, repr=False)
     export_warnings: list[str] = field(default_factory=list)
 

@@ -21,6 +21,26 @@ network stays shape-correct without anyone listing coupled layers by hand. This 
 * **A replayable record**: :func:`prune_channels` returns, per layer, the kept channel indices
   as plain lists (``weights_only``-safe); :func:`apply_plan` replays it on a freshly built
   network without tracing, and checks every layer's channel count first.
+* **Constraints read from the network, not asked of the user** (what MONAI's and nnU-Net's
+  networks need):
+
+  - *GroupNorm*: a group of coupled layers that contains a GroupNorm of ``G`` groups keeps a
+    multiple of ``lcm(round_to, G)`` channels and loses the same number from each of its
+    groups, so every remaining GroupNorm group normalizes the channels it did before.
+  - *PReLU with one shared slope* (MONAI's default activation): it has no channel axis, so it
+    is traced as an element-wise op (Torch-Pruning would ask it for a channel count, get
+    ``None`` and fail in its concat index mapping with ``int + None``).
+  - *Broadcast gates* (``x * sigmoid(psi)`` with a one-channel ``psi``, MONAI's
+    ``AttentionUnet``): the multiplication broadcasts over channels, so it couples nothing;
+    Torch-Pruning would tie the one-channel gate to ``x``'s channels.
+  - *Depthwise convolutions* (``groups == in == out``) lose channels with their inputs;
+    other grouped convolutions keep their channels whole (listed in the plan's
+    ``kept_whole``).
+  - *Output layers* are found by walking back from the returned tensors through non-learned
+    ops (``torch.stack`` of deep-supervision heads, upsampling, residual adds), so a head
+    behind such an op keeps its class channels.
+  - *Example inputs* come from the data (:class:`PruneRetrain` passes the datamodule's
+    ``patch_size`` and ``in_channels``), else from the network (``trainer.models.netinfo``).
 """
 from __future__ import annotations
 
@@ -37,6 +57,7 @@ from torch_pruning import ops
 from torch_pruning.pruner import function as tpf
 
 from trainer.errors import UserError
+from trainer.models import netinfo
 from trainer.precision import param_device, param_dtype
 from trainer.prune.schedule import check_ratio
 from trainer.structure import history
@@ -134,18 +155,20 @@ def example_input(net: nn.Module, shape: Sequence[int] | None = None) -> torch.T
     """A dummy input for tracing: ``shape`` or ``[2, in_channels, *(2 * divisor,) * dims]``.
 
     Batch 2 and twice the divisor keep BatchNorm's training-mode forward valid at the
-    deepest level (which deep-supervision heads need, see :func:`_tracing`).
+    deepest level (which deep-supervision heads need, see :func:`_tracing`). Without
+    ``shape``, channels, dimensions and divisor are read from the network
+    (:mod:`trainer.models.netinfo`); :class:`PruneRetrain` passes the data's patch instead.
     """
     # on the net's device and in its dtype (a `*-true` precision casts the net mid-run)
     device, dtype = param_device(net), param_dtype(net)
     gen = torch.Generator().manual_seed(0)  # fixed: tracing must not draw from the global RNG
     if shape is not None:
         return torch.randn(*[int(s) for s in shape], generator=gen).to(device, dtype)
-    dims, cin = getattr(net, "spatial_dims", None), getattr(net, "in_channels", None)
+    dims, cin = netinfo.spatial_dims(net), netinfo.in_channels(net)
     if dims is None or cin is None:
-        raise UserError(f"{type(net).__name__} has no spatial_dims/in_channels attributes; set "
-                        "PruneRetrain.example_shape, e.g. [2, 1, 64, 64]")
-    size = 2 * int(getattr(net, "divisor", 16))
+        raise UserError(f"cannot tell the input of {type(net).__name__} (no convolution to read channels and dimensions "
+                        "from); prune inside a run with a datamodule, or set PruneRetrain.example_shape, e.g. [2, 1, 64, 64]")
+    size = 2 * netinfo.divisor(net)
     return torch.randn(2, int(cin), *([size] * int(dims)), generator=gen).to(device, dtype)
 
 
@@ -208,26 +231,102 @@ def _naming_failures(net: nn.Module, what: str) -> Iterator[None]:
 
 
 def output_layers(net: nn.Module, example: torch.Tensor) -> tuple[list[str], list[tuple[int, ...]]]:
-    """Names of the layers whose outputs the network returns, and the output shapes
-    (training-mode forward, so deep-supervision heads are included)."""
-    produced: dict[int, tuple[str, Any]] = {}
+    """Names of the layers whose output channels are the network's output channels, and the
+    output shapes (training-mode forward, so deep-supervision heads are included).
+
+    Walks back from every returned tensor through the autograd graph: through non-learned ops
+    (``torch.stack``/``cat`` of heads, interpolation, residual adds, activations) and through
+    learned per-channel layers (norms, PReLU) until a convolution or linear layer is reached.
+    """
+    producer: dict[Any, str] = {}  # grad_fn of a layer's output -> layer name
+    keep_alive = []
 
     def remember(name):
         def hook(module, inputs, output):
-            # Innermost layer first (it returns first). The tensor is kept alive so that its
-            # id() cannot be reused by a later tensor.
-            produced.setdefault(id(output), (name, output))
+            if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+                producer.setdefault(output.grad_fn, name)
+                keep_alive.append(output)
         return hook
 
-    hooks = [m.register_forward_hook(remember(n)) for n, m in net.named_modules() if n]
+    owners = [(n, m) for n, m in net.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    hooks = [m.register_forward_hook(remember(n)) for n, m in owners]
+    kinds = dict(owners)
     try:
-        with _tracing(net), torch.no_grad(), _naming_failures(net, f"cannot run {type(net).__name__}"):
+        with _tracing(net), torch.enable_grad(), _naming_failures(net, f"cannot run {type(net).__name__}"):
             net.train()
             outputs = tp.utils.flatten_as_list(net(example))
+            names = _walk_to_layers([o.grad_fn for o in outputs if o.grad_fn is not None], producer, kinds)
     finally:
         for h in hooks:
             h.remove()
-    return [produced[id(o)][0] for o in outputs if id(o) in produced], [tuple(o.shape) for o in outputs]
+    return names, [tuple(o.shape) for o in outputs]
+
+
+def _walk_to_layers(starts: list, producer: dict[Any, str], kinds: dict[str, nn.Module]) -> list[str]:
+    found: list[str] = []
+    stack, seen = list(starts), set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        name = producer.get(fn)
+        if name is not None and name not in found:
+            found.append(name)
+        if name is not None and isinstance(kinds[name], _ROOTS):
+            continue  # a convolution/linear layer: its inputs are not output channels
+        stack.extend(f for f, _ in getattr(fn, "next_functions", ()) if f is not None and type(f).__name__ != "AccumulateGrad")
+    return found
+
+
+def channel_free_layers(net: nn.Module) -> list[nn.Module]:
+    """Layers with parameters but no channel axis: PReLU with one slope shared by all channels."""
+    return [m for m in net.modules() if isinstance(m, nn.PReLU) and m.num_parameters == 1]
+
+
+class _Graph(tp.DependencyGraph):
+    """Torch-Pruning's dependency graph, minus two couplings that do not exist:
+
+    * a channel-broadcast multiplication ``x * g`` with a one-channel ``g`` (an attention gate)
+      applies ``g`` to every channel of ``x``; removing a channel of ``x`` removes nothing
+      from ``g``;
+    * a PReLU with one shared slope (traced as an element-wise op, see
+      :func:`channel_free_layers`) reads its slope through a reshape whose channel count
+      Torch-Pruning cannot infer; the slope is not a data input.
+    """
+
+    def _build_dependency(self, module2node):
+        for node in module2node.values():
+            for side in _broadcast_inputs(node) + _slope_inputs(node):
+                for other in [n for n in node.inputs if n.grad_fn is side]:
+                    node.inputs.remove(other)
+                    other.outputs.remove(node)
+        return super()._build_dependency(module2node)
+
+
+def _slope_inputs(node) -> list:
+    """The non-data autograd inputs of a PReLU traced as an element-wise op."""
+    fn = node.grad_fn
+    if node.type != ops.OPTYPE.ELEMENTWISE or not type(fn).__name__.startswith("Prelu"):
+        return []
+    return [f for f, _ in fn.next_functions[1:] if f is not None]
+
+
+def _broadcast_inputs(node) -> list:
+    """The autograd inputs of an element-wise Mul/Div node that are broadcast over channels."""
+    fn = node.grad_fn
+    if node.type != ops.OPTYPE.ELEMENTWISE or type(fn).__name__ not in ("MulBackward0", "DivBackward0"):
+        return []
+    try:
+        shapes = [tuple(getattr(fn, "_saved_self").shape), tuple(getattr(fn, "_saved_other").shape)]
+    except (AttributeError, RuntimeError):  # a side without gradient is not saved (and not in the graph)
+        return []
+    if any(len(sh) < 2 for sh in shapes) or shapes[0][1] == shapes[1][1]:
+        return []
+    narrow = 0 if shapes[0][1] == 1 else 1 if shapes[1][1] == 1 else None
+    if narrow is None:
+        return []
+    return [fn.next_functions[narrow][0]]
 
 
 def build_graph(net: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
@@ -249,10 +348,21 @@ def build_graph(net: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     with _tracing(net), warnings.catch_warnings(), _naming_failures(net, f"Torch-Pruning cannot trace {type(net).__name__}"):
         warnings.simplefilter("ignore")
         try:
-            return tp.DependencyGraph().build_dependency(net, example_inputs=(example,), forward_fn=forward, verbose=False)
+            return _Graph().build_dependency(net, example_inputs=(example,), forward_fn=forward, verbose=False,
+                                             ignored_layers=channel_free_layers(net))
         except (TypeError, ValueError, RuntimeError, AssertionError, KeyError, IndexError) as exc:
             raise UserError(f"Torch-Pruning cannot trace {type(net).__name__}: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200]}") from None
+                            f"{str(exc).splitlines()[0][:200]}{_suspect(net)}") from None
+
+
+def _suspect(net: nn.Module) -> str:
+    """A hint naming the first layer whose channel count Torch-Pruning cannot read, if any."""
+    free = set(channel_free_layers(net))
+    for name, m in net.named_modules():
+        pruner = tpf.PrunerBox.get(ops.module2type(m)) if isinstance(m, _PRUNABLE_TYPES) else None
+        if pruner is not None and m not in free and pruner.get_out_channels(m) is None:
+            return f"; layer {name!r} ({type(m).__name__}) has no channel count Torch-Pruning can read"
+    return ""
 
 
 def check_forward(net: nn.Module, example: torch.Tensor, what: str,
@@ -304,13 +414,48 @@ class _Candidate:
     original: int
     ratio: float
     scoped: bool  # has its own ratio (layer_ratios), excluded from global ranking
+    unit: int = 1  # kept counts are multiples of this (round_to and GroupNorm groups)
+    blocks: list[list[int]] | None = None  # root channels that must shrink evenly (GroupNorm groups)
 
     @property
     def current(self) -> int:
         return int(self.imp.numel())
 
 
-def _candidates(net, DG, importance, protected, ratio, layer_ratios, originals) -> list[_Candidate]:
+def _constraints(group, names: dict[nn.Module, str], current: int, round_to: int) -> tuple[int, list[list[int]] | None, str | None]:
+    """``(unit, blocks, reason to keep the group whole)`` that the group's layers impose.
+
+    Each GroupNorm in the group splits the root's channels into blocks (the channels that land
+    in one of its groups, wherever a concatenation puts them); keeping the same number from
+    every block keeps each group's members, and a multiple of every ``num_groups`` keeps the
+    norm valid after concatenations. A grouped convolution that is not depthwise keeps the
+    group whole (Torch-Pruning slices its input weights as if every group lost the same
+    offsets).
+    """
+    labels: list[list[tuple[int, int]]] = [[] for _ in range(current)]
+    groups = []
+    for item in group:
+        m = item.dep.target.module
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not m.groups == m.in_channels == m.out_channels:
+            return 1, None, f"grouped convolution {names.get(m, '?')!r} (groups={m.groups}) in the group"
+        if not isinstance(m, nn.GroupNorm) or m.num_groups <= 1:
+            continue
+        per = m.num_channels // m.num_groups
+        for r, i in zip(item.root_idxs, item.idxs):
+            labels[int(r)].append((id(m), int(i) // per))
+        groups.append(m.num_groups)
+    if not groups:
+        return max(1, round_to), None, None
+    blocks: dict[tuple, list[int]] = {}
+    for r, label in enumerate(labels):
+        blocks.setdefault(tuple(sorted(set(label))), []).append(r)
+    if len({len(b) for b in blocks.values()}) != 1:
+        return 1, None, "its channels fall unevenly into GroupNorm groups"
+    return math.lcm(max(1, round_to), len(blocks), *groups), list(blocks.values()), None
+
+
+def _candidates(net, DG, importance, protected, ratio, layer_ratios, originals, round_to,
+                kept_whole: dict[str, str]) -> list[_Candidate]:
     names = {m: n for n, m in net.named_modules()}
     scorer = make_importance(importance)
     fallback = make_importance("l1")
@@ -318,24 +463,36 @@ def _candidates(net, DG, importance, protected, ratio, layer_ratios, originals) 
     for group in DG.get_all_groups(ignored_layers=protected, root_module_types=list(_ROOTS)):
         root, fn = group[0].dep.target.module, group[0].dep.handler
         name = names[root]
+        current = DG.get_out_channels(root)
+        unit, blocks, whole = _constraints(group, names, current, round_to)
+        if whole:
+            kept_whole[name] = whole
+            continue
         imp = scorer(group)
         if imp is None:
             imp = fallback(group)
         if imp is None:
             continue
-        current = DG.get_out_channels(root)
         out.append(_Candidate(root, name, fn, imp.detach().float().cpu(), originals.get(name, current),
-                              _layer_ratio(name, ratio, layer_ratios), any(name == k or name.startswith(k + ".") for k in layer_ratios)))
+                              _layer_ratio(name, ratio, layer_ratios), any(name == k or name.startswith(k + ".") for k in layer_ratios),
+                              unit, blocks))
     return out
 
 
-def _top(imp: torch.Tensor, k: int) -> list[int]:
-    """Indices of the ``k`` most important channels, ascending; ties keep the lower index."""
-    order = torch.argsort(-imp, stable=True)[:k]
-    return sorted(order.tolist())
+def _top(imp: torch.Tensor, k: int, blocks: list[list[int]] | None = None) -> list[int]:
+    """Indices of the ``k`` most important channels, ascending; ties keep the lower index.
+    With ``blocks``, the ``k / len(blocks)`` most important of each block."""
+    if blocks is None:
+        return sorted(torch.argsort(-imp, stable=True)[:k].tolist())
+    per = k // len(blocks)
+    kept = []
+    for block in blocks:
+        index = torch.tensor(block)
+        kept += index[torch.argsort(-imp[index], stable=True)[:per]].tolist()
+    return sorted(kept)
 
 
-def _global_keep(cands: list[_Candidate], ratio: float, round_to: int) -> dict[int, int]:
+def _global_keep(cands: list[_Candidate], ratio: float) -> dict[int, int]:
     """Per-candidate kept counts for one global ranking over ``cands``."""
     total_original = sum(c.original for c in cands)
     budget = round(total_original * (1.0 - ratio))
@@ -348,7 +505,7 @@ def _global_keep(cands: list[_Candidate], ratio: float, round_to: int) -> dict[i
     removed = owner[torch.argsort(scores, stable=True)[:n_remove]]
     for i, c in enumerate(cands):
         keep = c.current - int((removed == i).sum())
-        rounded = keep_count(c.current, 1.0 - keep / c.current, round_to) if c.current > round_to else c.current
+        rounded = keep_count(c.current, 1.0 - keep / c.current, c.unit) if c.current > c.unit else c.current
         counts[id(c)] = min(rounded, c.current)
     return counts
 
@@ -373,13 +530,15 @@ def prune_channels(
         global_pruning: rank channels of all layers together instead of layer by layer.
         layer_ratios: ``{layer or container name: ratio}`` overriding ``ratio`` (ranked per layer).
         protected: layer names whose output channels are kept, besides the output layers.
-        round_to: kept channel counts are multiples of this (8 suits tensor cores / SIMD).
-        example_shape: input shape for tracing; default from ``net.in_channels/spatial_dims``.
+        round_to: kept channel counts are multiples of this (8 suits tensor cores / SIMD);
+            groups with a GroupNorm also keep multiples of its ``num_groups`` (see module doc).
+        example_shape: input shape for tracing (e.g. ``[2, C, *patch]`` from the data);
+            default from the network (:mod:`trainer.models.netinfo`).
 
     Returns:
         The plan (plain data): ``{"format", "ratio", "example_shape", "layers": {name:
-        {"type": class name, "out"/"in": {"before": n, "keep": [indices]}}}}``; replay it
-        with :func:`apply_plan`.
+        {"type": class name, "out"/"in": {"before": n, "keep": [indices]}}}, "kept_whole":
+        {root layer: why its group was not pruned}}``; replay it with :func:`apply_plan`.
     """
     check_ratio(ratio, "pruning ratio")
     layer_ratios = {k: check_ratio(v, f"layer_ratios[{k!r}]") for k, v in (layer_ratios or {}).items()}
@@ -397,18 +556,19 @@ def prune_channels(
                 p.grad = torch.zeros_like(p)
     originals = {**{n: DG.get_out_channels(m) for n, m in net.named_modules() if m in DG.module2node and isinstance(m, _ROOTS)},
                  **original_out_channels(net)}
-    cands = _candidates(net, DG, importance, protected_modules, ratio, layer_ratios, originals)
-    keep = {id(c): min(keep_count(c.original, c.ratio, round_to), c.current) for c in cands}
+    kept_whole: dict[str, str] = {}
+    cands = _candidates(net, DG, importance, protected_modules, ratio, layer_ratios, originals, round_to, kept_whole)
+    keep = {id(c): min(keep_count(c.original, c.ratio, c.unit), c.current) for c in cands}
     pooled = [c for c in cands if not c.scoped]
     if global_pruning and pooled:
-        keep.update(_global_keep(pooled, ratio, round_to))
+        keep.update(_global_keep(pooled, ratio))
 
     names = {m: n for n, m in net.named_modules()}
     layers: dict[str, dict[str, Any]] = {}
     for c in cands:
         if keep[id(c)] >= c.current:
             continue
-        kept_root = set(_top(c.imp, keep[id(c)]))
+        kept_root = set(_top(c.imp, keep[id(c)], c.blocks))
         group = DG.get_pruning_group(c.root, c.fn, [i for i in range(c.current) if i not in kept_root])
         if not DG.check_pruning_group(group):
             continue  # would empty a layer
@@ -427,7 +587,7 @@ def prune_channels(
         p.grad = None
     check_forward(net, example, f"{type(net).__name__} no longer runs after channel pruning", out_shapes)
     return {"format": PLAN_FORMAT, "ratio": float(ratio), "example_shape": list(example.shape),
-            "output_shapes": [list(s) for s in out_shapes], "layers": layers}
+            "output_shapes": [list(s) for s in out_shapes], "layers": layers, "kept_whole": kept_whole}
 
 
 def apply_plan(net: nn.Module, plan: dict[str, Any], source: str = "pruning history") -> None:

@@ -147,13 +147,8 @@ def _quant_type(name: str):
 def _weight_overrides(name: str, grid: LayerGrid, exported: np.ndarray, weight_type: str,
                       seven_bit: bool) -> list[dict[str, Any]]:
     """Per-channel scales: trained scale x the factor BatchNorm folding multiplied in."""
-    wq = np.moveaxis(grid.weight_int * _expand(grid.weight_scale, grid.axis, grid.weight_int.ndim), grid.axis, 0)
-    w = np.moveaxis(exported.astype(np.float64), grid.axis, 0).reshape(wq.shape[0], -1)
-    wq = wq.reshape(w.shape)
-    norms = (wq * wq).sum(1)
-    factor = np.where(norms > 0, (w * wq).sum(1) / np.maximum(norms, 1e-300), 1.0)
+    factor, err = _grid_fit(grid, exported)
     scale = np.abs(grid.weight_scale * factor)
-    err = np.abs(w - wq * factor[:, None]).max(initial=0.0) / max(np.abs(w).max(initial=0.0), 1e-12)
     if err > 1e-3:  # the exported weight is not the trained grid times a per-channel factor
         raise UserError(f"{name}: exported weights differ from the trained int8 grid (relative error {err:.2g}); "
                         "cannot keep its trained scales")
@@ -165,6 +160,16 @@ def _weight_overrides(name: str, grid: LayerGrid, exported: np.ndarray, weight_t
         zero, qtype = np.array(0, np.int8), _quant_type("int8")
     return [{"scale": np.array(s, np.float32), "zero_point": zero, "quant_type": qtype, "axis": grid.axis}
             for s in scale]
+
+
+def _grid_fit(grid: LayerGrid, exported: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(per-channel factor, relative error)`` of ``exported ~ trained grid x factor``."""
+    wq = np.moveaxis(grid.weight_int * _expand(grid.weight_scale, grid.axis, grid.weight_int.ndim), grid.axis, 0)
+    w = np.moveaxis(exported.astype(np.float64), grid.axis, 0).reshape(wq.shape[0], -1)
+    wq = wq.reshape(w.shape)
+    norms = (wq * wq).sum(1)
+    factor = np.where(norms > 0, (w * wq).sum(1) / np.maximum(norms, 1e-300), 1.0)
+    return factor, float(np.abs(w - wq * factor[:, None]).max(initial=0.0) / max(np.abs(w).max(initial=0.0), 1e-12))
 
 
 def _expand(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
@@ -196,12 +201,16 @@ def _match_layers(model: nn.Module, grids: dict[str, LayerGrid], proto: onnx.Mod
     convs = [n for n in proto.graph.node if n.op_type in CONV_OPS]
     values = _onnx_values(proto, [n.input[0] for n in convs], example)
     shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    consts = {n.input[1]: onnx.numpy_helper.to_array(t) for n in convs for t in proto.graph.initializer if t.name == n.input[1]}
     matches, used = [], set()
     for node in convs:
         value = values[node.input[0]]
         found = [name for name, x in seen.items()
                  if name not in used and x.shape == value.shape and shapes.get(node.input[1]) == grids[name].weight_int.shape
                  and np.allclose(x, value, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(x).max())))]
+        if len(found) > 1:  # e.g. a residual unit's main and shortcut convolutions: tell them by weights
+            weight = consts.get(node.input[1])
+            found = [name for name in found if weight is not None and _grid_fit(grids[name], weight)[1] <= 1e-3]
         if len(found) > 1:
             raise UserError(f"layers {found} read the same input with the same weight shape; cannot tell which is "
                             f"ONNX node {node.name!r}")

@@ -17,10 +17,19 @@ Two sources:
   onnxruntime's fusable layout, verified against the fake-quantized PyTorch model.
 
 Every artifact passes the static overflow check before it is run, on any machine.
+
+Float networks with Instance/GroupNorm (MONAI's, nnU-Net's, this framework's ``norm:
+instance``) need two more steps, both measured (``benchmarks/bench_int8_norm.py``): the
+normalization ops stay in float (quantizing their inputs, outputs and scales only added
+error), the convolutions feeding them are equalized per channel first
+(``trainer/export/norm_equalize.py``), and if the all-INT8 artifact still misses the tolerance
+on the calibration inputs, the layers whose float precision measurably matters are left in
+float one by one until it passes (``trainer/export/int8_select.py``; the card lists them).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import statistics
 import time
@@ -28,9 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from trainer.errors import UserError
 from trainer.export.calibration import ArrayReader, calibration_arrays
 from trainer.export.int8_safety import check_int8_accumulation
+from trainer.export import int8_select
+from trainer.export.norm_equalize import equalize_for_norms
 from trainer.export.onnx_tools import (
     INPUT_NAME, export_onnx, has_quantize_nodes, node_counts, ort_session, output_quant_step, simplify_onnx,
 )
@@ -44,6 +57,8 @@ QUANT_FORMATS = ("qdq", "qoperator")
 WEIGHT_TYPES = ("int8", "uint8")
 QUANTIZED_OPS = ("QLinearConv", "QLinearConcat", "ConvInteger", "QuantizeLinear", "DequantizeLinear")
 TRAINED = "trained scales (QAT/PTQ checkpoint)"
+# norms onnxruntime would quantize; BatchNorm is folded into the convolutions at export
+NORM_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization")
 
 
 @register_format
@@ -80,6 +95,11 @@ class OnnxInt8Cpu(ExportFormat):
             that cannot overflow, slower on x86). Default ``int8``.
         windows_per_volume: 3D only: roi-sized calibration windows per volume. Default 2.
         benchmark_runs: timed runs of FP32 and INT8 (1 thread) recorded in the card; 0 skips.
+        select_layers: float networks with Instance/Group/LayerNorm: when the all-INT8 artifact
+            misses the tolerance on the calibration inputs, leave in float the layers
+            measurement says must be. Default True.
+        equalize_norms: float networks with Instance/GroupNorm: equalize the channels of the
+            convolutions feeding them before calibrating (exact; see ``norm_equalize``). Default True.
     """
 
     calibration_batches: int = 8
@@ -90,6 +110,8 @@ class OnnxInt8Cpu(ExportFormat):
     weight_type: str = "int8"
     windows_per_volume: int = 2
     benchmark_runs: int = 5
+    select_layers: bool = True
+    equalize_norms: bool = True
 
     name = "onnx-int8-cpu"
     summary = "static INT8 ONNX for onnxruntime on CPU (7-bit weights: correct on every CPU), from float or QAT nets"
@@ -130,6 +152,10 @@ class OnnxInt8Cpu(ExportFormat):
                            help="3D: roi-sized calibration windows per volume (default: %(default)s)")
         group.add_argument("--benchmark-runs", dest="benchmark_runs", type=int, default=5,
                            help="timed FP32-vs-INT8 runs recorded in the card; 0 skips (default: %(default)s)")
+        group.add_argument("--no-select-layers", dest="select_layers", action="store_false",
+                           help="quantize every layer even where measurement says it breaks the tolerance")
+        group.add_argument("--no-equalize-norms", dest="equalize_norms", action="store_false",
+                           help="do not equalize the convolutions feeding Instance/GroupNorm")
 
     def build(self, ctx: BuildContext) -> BuildResult:
         from trainer.quant.export_ort import trained_overrides
@@ -145,15 +171,23 @@ class OnnxInt8Cpu(ExportFormat):
                     "exports Q/DQ nodes of its own: use --format onnx-qdq, or tensorrt"
                 )
         prepared, preprocess = self._preprocess(src, ctx)
-        # layers are matched on the graph that gets quantized (pre-processing renames tensors)
-        trained = (trained_overrides(float_net, grids, prepared, ctx.example, self.weight_type, self.reduce_range)
-                   if grids else None)
         arrays = calibration_arrays(
             ctx.batches, num_batches=self.calibration_batches, divisor=ctx.meta.divisor,
             roi_size=ctx.meta.roi_size, windows_per_volume=self.windows_per_volume,
         )
-        quantized = ctx.work_dir / "int8.onnx"
-        self._quantize(prepared, quantized, arrays, trained.overrides if trained else None)
+        norms = sorted({n for n in node_counts(prepared)["by_op"] if n in NORM_OPS})
+        choice: dict[str, Any] = {"op_types": list(int8_select.WEIGHTED) if norms else "onnxruntime's defaults"}
+        if norms:
+            choice["float_ops"] = norms
+        if norms and self.equalize_norms:  # before matching: trained weight scales follow the factors
+            equalized = ctx.work_dir / "equalized.onnx"
+            choice["norm_equalization"] = equalize_for_norms(prepared, equalized, arrays, INPUT_NAME).to_card()
+            prepared = equalized
+        # layers are matched on the graph that gets quantized (pre-processing renames tensors)
+        trained = (trained_overrides(float_net, grids, prepared, ctx.example, self.weight_type, self.reduce_range)
+                   if grids else None)
+        quantized, selection = self._quantize_chosen(prepared, arrays, trained, bool(norms), ctx)
+        choice.update(selection)
         artifact = ctx.out_dir / self.filename
         _, after = simplify_onnx(quantized, artifact)
         quantized_ops = {op: n for op, n in after["by_op"].items() if op in QUANTIZED_OPS}
@@ -168,6 +202,7 @@ class OnnxInt8Cpu(ExportFormat):
             "quantized_ops": quantized_ops,
             "output_step": step,
             "preprocess": preprocess,
+            **choice,
             "calibration": {
                 "source": "validation batches (the same ones verification uses)",
                 "batches": min(self.calibration_batches, len(ctx.batches)),
@@ -215,12 +250,47 @@ class OnnxInt8Cpu(ExportFormat):
         before, _ = simplify_onnx(raw, slim)
         return slim, before
 
-    def _quantize(self, src: Path, dst: Path, arrays, overrides) -> None:
+    def _quantize_chosen(self, src: Path, arrays, trained, norms: bool, ctx: BuildContext) -> tuple[Path, dict[str, Any]]:
+        """Quantize ``src``. Without Instance/Group/LayerNorm: onnxruntime's default op types, as
+        measured in ``bench_int8_cpu.py``. With them: only weighted layers, and those left in
+        float chosen by measurement (``int8_select``). Returns the file and its card entries."""
+        overrides = trained.overrides if trained else None
+        quantized = ctx.work_dir / "int8.onnx"
+        if not norms or not self.select_layers:
+            self._quantize(src, quantized, arrays, overrides, int8_select.WEIGHTED if norms else None)
+            return quantized, {}
+
+        def quantize(dst: Path, left_float) -> None:
+            self._quantize(src, dst, arrays, overrides, int8_select.WEIGHTED, left_float)
+
+        tol = _aimed_tolerance(self.trained_tolerance if trained else self.tolerance, ctx.tolerance)
+        # scored where verification looks: the calibration inputs and the shape probe
+        scored = list(arrays) + ([ctx.probe.numpy()] if ctx.probe is not None else [])
+        with torch.no_grad():
+            reference = [ctx.net(torch.from_numpy(a)).numpy() for a in scored]
+        path, selection = int8_select.select_layers(src, scored, reference, tol, quantize, ctx.work_dir)
+        if not selection.final.passes(tol) or len(selection.left_float) == selection.weighted_layers:
+            first, final = selection.first, selection.final
+            advice = ("the QAT model's own activation quantization is part of the reference; the float-calibrated "
+                      "artifact of its float checkpoint, or onnx-qdq, may fit" if trained else
+                      "export onnx, or train with QAT and export its trained scales")
+            raise UserError(f"onnx-int8-cpu: {type(ctx.net).__name__} misses the INT8 tolerance on the calibration inputs "
+                            f"unless all its {selection.weighted_layers} weighted layers stay in float (all INT8: argmax "
+                            f"agreement {first.argmax_agreement:.4%}, logits beyond {tol.atol:g} steps {first.exceed_fraction:.3%}; "
+                            f"all float: {final.argmax_agreement:.4%}, {final.exceed_fraction:.3%}); {advice}")
+        if len(selection.left_float) * 2 > selection.weighted_layers:
+            log.warning("onnx-int8-cpu: %d of %d weighted layers stay in float to meet the tolerance; expect little speed-up",
+                        len(selection.left_float), selection.weighted_layers)
+        return path, {"layer_selection": selection.to_card()}
+
+    def _quantize(self, src: Path, dst: Path, arrays, overrides, op_types=None, left_float=()) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         extra = {"TensorQuantOverrides": overrides} if overrides else None
         quantize_static(
             str(src), str(dst), ArrayReader(INPUT_NAME, arrays),
+            op_types_to_quantize=list(op_types) if op_types else None,
+            nodes_to_exclude=list(left_float) or None,
             quant_format=QuantFormat.QDQ if self.quant_format == "qdq" else QuantFormat.QOperator,
             per_channel=self.per_channel,
             reduce_range=self.reduce_range and self.weight_type == "int8",
@@ -269,3 +339,11 @@ class OnnxInt8Cpu(ExportFormat):
                         speedup, list(ctx.example.shape))
         return {**times, "speedup": round(speedup, 3), "threads": 1, "input_shape": list(ctx.example.shape),
                 "runs": self.benchmark_runs}
+
+
+
+def _aimed_tolerance(default: Tolerance, given) -> Tolerance:
+    """The tolerance verification will apply to a float network's artifact (user overrides in)."""
+    if isinstance(given, Tolerance):
+        return given
+    return dataclasses.replace(default, **dict(given or {}))
