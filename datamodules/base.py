@@ -81,6 +81,33 @@ def _check_arguments(name: str, *, spatial_dims, patch_size, pad_multiple, batch
             raise UserError(f"{name}: generate.unlabelled={unlabelled} must be in [0, cases={cases}): at least one case keeps its label")
 
 
+def class_weight_vector(name: str, weights, class_names: list[str]) -> list[float] | None:
+    """``fg_class_weights`` as one weight per class (background 0), checked against the data's
+    class names: a mapping may name foreground classes only, a list has one entry per
+    foreground class; weights are finite, >= 0 and not all 0."""
+    if weights is None:
+        return None
+    foreground = list(class_names[1:])
+    if isinstance(weights, dict):
+        unknown = sorted(set(weights) - set(foreground))
+        if unknown:
+            raise UserError(f"{name}: fg_class_weights names {unknown}, not foreground classes of the data; "
+                            f"choose from {foreground}")
+        values = [weights.get(c, 1.0) for c in foreground]
+    else:
+        values = list(weights)
+        if len(values) != len(foreground):
+            raise UserError(f"{name}: fg_class_weights={values} needs {len(foreground)} weights, one per foreground "
+                            f"class {foreground}")
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise UserError(f"{name}: fg_class_weights={weights} must be numbers") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values) or not any(values):
+        raise UserError(f"{name}: fg_class_weights={weights} must be finite, >= 0 and not all 0")
+    return [0.0] + values
+
+
 def _physical_memory() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -127,6 +154,11 @@ class SegDataModule(L.LightningDataModule):
         fg_oversample: fraction of training samples forced to contain foreground (nnU-Net's
             one third): a present foreground class is picked uniformly, then a voxel of it.
             Default 0.33.
+        fg_class_weights: how often a forced sample targets each foreground class, relative
+            to the others present in its case: a mapping ``{class name: weight}`` (classes
+            left out weigh 1) or a list of one weight per foreground class. ``None`` (default)
+            picks uniformly, as nnU-Net does; ``{lesion: 4}`` targets a present lesion four
+            times as often as each organ (class-balanced sampling of a rare class).
         val_batch_size: slices per validation batch for 2D (3D always uses 1 volume).
             Default: ``batch_size``.
         pad_multiple: 2D validation slices are zero padded (image 0, label 0) at the
@@ -175,6 +207,7 @@ class SegDataModule(L.LightningDataModule):
         seed: int = 0,
         samples_per_epoch: int | None = None,
         fg_oversample: float = 0.33,
+        fg_class_weights: dict[str, float] | list[float] | None = None,
         val_batch_size: int | None = None,
         pad_multiple: int = 16,
         cache: Literal["auto", "always", "never"] = "auto",
@@ -229,6 +262,7 @@ class SegDataModule(L.LightningDataModule):
         self.num_classes, self.class_names, self.in_channels = info["num_classes"], info["class_names"], info["in_channels"]
         # how the file's images were made from raw scans (datamodules.preprocess); None if unrecorded
         self.preprocessing: dict | None = info.get("preprocessing")
+        self.fg_class_weights = class_weight_vector(name, fg_class_weights, self.class_names)
         _check_batch_memory(name, self.patch_size, self.batch_size, self.in_channels)
 
     # -- format hooks ------------------------------------------------------------------------
@@ -351,7 +385,7 @@ class SegDataModule(L.LightningDataModule):
         if split == "train":
             n = self.num_train_samples(world_size)
             dataset = PatchDataset(self.store, cases, [self.case_labels[i] for i in cases], self.patch_size, n,
-                                   self.seed, self.fg_oversample, self.augment_config)
+                                   self.seed, self.fg_oversample, self.augment_config, self.fg_class_weights)
             sampler = EpochSampler(n, rank=rank, world_size=world_size, seed=self.seed, epoch=epoch, shuffle=True, what=where)
             with warnings.catch_warnings():  # torchdata 0.11 calls the deprecated torch.set_vital
                 warnings.filterwarnings("ignore", message=".*set_vital.*")

@@ -53,13 +53,17 @@ class PatchDataset(Dataset):
         seed: base seed.
         fg_oversample: fraction of the epoch's samples forced onto a foreground voxel.
         augment: augmentation settings.
+        fg_class_weights: per class (background at 0), how often a forced sample targets it
+            among the classes present in its case; ``None``: uniformly (nnU-Net).
     """
 
     def __init__(self, store: CaseStore, cases: list[int], labels: list[CaseLabels], patch_size: list[int],
-                 num_samples: int, seed: int, fg_oversample: float, augment: AugmentConfig):
+                 num_samples: int, seed: int, fg_oversample: float, augment: AugmentConfig,
+                 fg_class_weights: list[float] | None = None):
         self.store, self.cases, self.labels = store, list(cases), labels
         self.patch_size, self.num_samples, self.seed = tuple(patch_size), num_samples, seed
         self.fg_oversample, self.augment = fg_oversample, augment
+        self.fg_class_weights = list(fg_class_weights) if fg_class_weights is not None else None
         self._forced: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -83,7 +87,7 @@ class PatchDataset(Dataset):
         info = self.store.cases[case]
         rng = sample_rng(self.seed, epoch, key, STREAM_PATCH)
         starts, _ = choose_patch(rng, info.spatial_shape, self.patch_size, self.labels[slot],
-                                 bool(self.forced_mask(epoch)[key]))
+                                 bool(self.forced_mask(epoch)[key]), self.fg_class_weights)
         rng = sample_rng(self.seed, epoch, key, STREAM_AUGMENT)
         params = draw_params(rng, self.augment, self.patch_size)
         image, label = read_patch(self.store.image(case), self.store.label(case), starts, self.patch_size, params)

@@ -171,20 +171,37 @@ def _start_containing(rng, voxel: int, patch: int, size: int) -> int:
     return int(rng.integers(a, b + 1))
 
 
-def choose_patch(rng: np.random.Generator, spatial_shape, patch_size, labels: CaseLabels, force_fg: bool):
+def pick_class(present: list[int], class_weights, u: float) -> int:
+    """The foreground class a forced crop targets, from one uniform draw ``u`` in [0, 1).
+
+    ``class_weights`` (indexed by class, background at 0) weighs the classes present in the
+    case; ``None`` is nnU-Net's uniform choice. A case whose present classes all weigh 0
+    falls back to uniform (a forced crop still lands on foreground)."""
+    if class_weights is None:
+        return present[int(u * len(present))]
+    weights = np.array([float(class_weights[c]) for c in present])
+    if weights.sum() <= 0:
+        return present[int(u * len(present))]
+    cumulative = np.cumsum(weights / weights.sum())
+    return present[min(int(np.searchsorted(cumulative, u, side="right")), len(present) - 1)]
+
+
+def choose_patch(rng: np.random.Generator, spatial_shape, patch_size, labels: CaseLabels, force_fg: bool,
+                 class_weights=None):
     """Pick a region of ``patch_size`` (the trailing axes) in a case of ``spatial_shape``.
 
     For 2D (``len(patch_size) == 2``) a slice index along D is chosen as well. Returns
     ``(starts, fg_class)`` with ``starts`` over all three axes (the D start of a 2D sample is
     its slice) and ``fg_class`` the class it was forced onto (0 when not forced or no
-    foreground exists). Forced samples pick a present foreground class uniformly, then a voxel
-    of it uniformly (nnU-Net's class-balanced crop).
+    foreground exists). Forced samples pick a present foreground class (uniformly, as
+    nnU-Net does, or by ``class_weights``: see :func:`pick_class`), then a voxel of it
+    uniformly.
     """
     shape = tuple(int(s) for s in spatial_shape)
     present = sorted(labels.locations)
     draws = rng.random(4)  # fixed number of draws: the stream stays aligned across branches
     if force_fg and present:
-        cls = present[int(draws[0] * len(present))]
+        cls = pick_class(present, class_weights, float(draws[0]))
         locs = labels.locations[cls]
         voxel = np.unravel_index(int(locs[int(draws[1] * locs.size)]), shape)
         if len(patch_size) == 2:

@@ -26,6 +26,9 @@ class DiceCE(nn.Module):
         include_background: score the background class in Dice. Default False.
         ds_weights: weights of deep-supervision outputs, highest resolution first; ``None``
             halves the weight at each level (MONAI's ``exp`` mode).
+        class_weights: one weight per class, background first, for both terms (CE's class
+            weights, a weighted mean over voxels; Dice's per-class loss scaled); ``None``
+            weighs every class alike. A configuration, not a state: kept out of checkpoints.
 
     Example:
         >>> loss = DiceCE()
@@ -41,10 +44,18 @@ class DiceCE(nn.Module):
         batch_dice: bool = True,
         include_background: bool = False,
         ds_weights: Sequence[float] | None = None,
+        class_weights: Sequence[float] | None = None,
     ):
         super().__init__()
         if dice_weight < 0 or ce_weight < 0 or dice_weight + ce_weight == 0:
             raise ValueError(f"DiceCE: dice_weight={dice_weight}, ce_weight={ce_weight} must be >= 0, not both 0")
+        weight = None
+        if class_weights is not None:
+            weight = torch.tensor([float(w) for w in class_weights])
+            if weight.dim() != 1 or len(weight) < 2 or not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()) \
+                    or not bool((weight > 0).any()):
+                raise ValueError(f"DiceCE: class_weights={list(class_weights)} must be >= 2 finite weights >= 0, not all 0")
+        self.class_weights = None if weight is None else weight.tolist()
         base = DiceCELoss(
             include_background=include_background,
             to_onehot_y=True,
@@ -52,7 +63,12 @@ class DiceCE(nn.Module):
             batch=batch_dice,
             lambda_dice=dice_weight,
             lambda_ce=ce_weight,
+            weight=weight,
         )
+        for module in base.modules():  # MONAI keeps the weights as buffers: not checkpoint state
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module.register_buffer(name, buffer, persistent=False)
         self.base = base
         self.ds_weights = list(ds_weights) if ds_weights else None
 
@@ -60,6 +76,10 @@ class DiceCE(nn.Module):
         # Computed in float32 even under bf16 autocast: softmax/log of bf16 logits loses the
         # small lesion classes.
         target = label.unsqueeze(1)  # MONAI wants [B, 1, *S]
+        if self.class_weights is not None:
+            first = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+            if first.shape[1] != len(self.class_weights):
+                raise ValueError(f"DiceCE: class_weights has {len(self.class_weights)} entries for {first.shape[1]} classes")
         if isinstance(outputs, torch.Tensor):
             return self.base(outputs.float(), target)
         weights = self.ds_weights or [0.5**k for k in range(len(outputs))]

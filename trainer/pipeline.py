@@ -15,7 +15,9 @@ checkpoint into a recipe key::
         export: [onnx, "onnx-int8-cpu --calibration-batches 4"]   # format [export options]
 
 Dotted keys walk the recipe; inside a list (``trainer.callbacks``) a segment picks the entry
-whose ``class_path`` ends with it, and ``init_args`` is implied. Each stage runs in
+whose ``class_path`` ends with it, and ``init_args`` is implied. ``final`` names the deployable
+artifact and ``goals`` what it must keep (mean and every class; ``trainer.goals``): the report
+checks them. Each stage runs in
 ``<run_dir>/<stage>/`` (checkpoints, logs, the resolved ``recipe.yaml``); the runner skips
 stages already complete with an unchanged recipe, resumes an interrupted one from the
 checkpoint holding its latest training state (any of its checkpoints, ``requeue.ckpt`` too),
@@ -44,10 +46,12 @@ import yaml
 from trainer.errors import UserError
 from trainer.inputs import load_yaml_file
 from trainer.export.card import sha256_file
+from trainer.goals import Goals, check_class_names, parse_goals
+from trainer.goals import record as record_goals
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_KEYS = {"name", "recipe", "set", "inputs", "export", "checkpoint"}
-TOP_KEYS = {"run_dir", "stages", "final"}
+TOP_KEYS = {"run_dir", "stages", "final", "goals"}
 STATUS = "stage.json"
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
@@ -77,6 +81,7 @@ def load_pipeline(path: str | Path) -> tuple[Path, list[Stage]]:
     for i, raw in enumerate(spec["stages"]):
         stages.append(_parse_stage(path, i, raw, stages))
     _check_final(path, spec.get("final"), stages)
+    parse_goals(spec.get("goals"), str(path))  # bad goals fail before any training
     return run_dir, stages
 
 
@@ -92,6 +97,35 @@ def _check_final(path: Path, final: Any, stages: list[Stage]) -> None:
 def final_artifact(path: str | Path) -> str | None:
     """The pipeline's ``final`` entry (``STAGE/FORMAT``), if it has one."""
     return (load_yaml_file(Path(path), "pipeline file") or {}).get("final")
+
+
+def pipeline_goals(path: str | Path) -> Goals:
+    """The pipeline's ``goals`` (defaults for the keys it leaves out)."""
+    return parse_goals((load_yaml_file(Path(path), "pipeline file") or {}).get("goals"), str(path))
+
+
+def check_goal_classes(path: Path, goals: Goals, first: Stage) -> None:
+    """Before any training: a goal must name one of the data's classes (a typo would never be
+    checked). The first stage's datamodule says which, from its file header or ``generate``."""
+    data = first.recipe.get("data")
+    if not goals.named_classes() or not isinstance(data, dict) or "class_path" not in data:
+        return  # nothing named, or no datamodule here: the report checks the names against its rows
+    import lightning.pytorch as pl
+    from lightning.pytorch.cli import instantiate_module
+
+    from trainer.trust import check_class_path
+
+    where = f"{path}: stage '{first.name}': data"
+    check_class_path(data["class_path"], f"{where}.class_path")
+    try:
+        dm = instantiate_module(pl.LightningDataModule, {"_class_path": data["class_path"], **(data.get("init_args") or {})})
+    except UserError:
+        raise
+    except Exception as exc:  # the stage's fit would refuse it too; say so now, in one line
+        raise UserError(f"{where}: cannot build the datamodule: {' '.join(str(exc).split())[:300]}") from None
+    names = getattr(dm, "class_names", None)
+    if names:
+        check_class_names(goals, list(names), str(path))
 
 
 def _parse_stage(path: Path, i: int, raw: Any, earlier: list[Stage]) -> Stage:
@@ -371,6 +405,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-report", action="store_true", help="skip the compression report at the end")
     args = parser.parse_args(argv)
     run_dir, stages = load_pipeline(args.pipeline)
+    final, goals = final_artifact(args.pipeline), pipeline_goals(args.pipeline)
+    check_goal_classes(Path(args.pipeline), goals, stages[0])
+    record_goals(run_dir, Path(args.pipeline), final, goals)  # `launch.py report RUN_DIR` checks the same
     _install_signal_forwarding()
     try:
         Runner(run_dir, stages, args.rerun_changed).run()
@@ -380,5 +417,5 @@ def main(argv: list[str]) -> int:
     if not args.no_report:
         from trainer.report import write_report
 
-        write_report(run_dir, final=final_artifact(args.pipeline))
+        write_report(run_dir, final=final, goals=goals)
     return 0

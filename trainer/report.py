@@ -8,7 +8,8 @@ with the model's own inference settings (``model.sw_overlap`` included) and scor
 ``trainer.metrics.SegmentationMetrics``: the code and settings validation and export
 verification use. CPU latency at batch 1 on one thread, PyTorch eager and onnxruntime, all
 timed interleaved in this one run. Writes ``report.md``, ``report.json``, ``report.png`` (Dice
-vs latency, marker area by file size) and ``qualitative.png``, and checks the pipeline goals.
+vs latency, marker area by file size), ``per_class.png`` and ``qualitative.png``, and checks the
+pipeline's goals (``trainer.goals``: the mean and every foreground class, teacher -> final).
 """
 from __future__ import annotations
 
@@ -21,11 +22,8 @@ from typing import Any
 
 import torch
 
+from trainer import goals as goals_lib
 from trainer.errors import UserError
-
-# Goals from the product's brief, checked between the first stage (teacher, PyTorch eager
-# FP32) and the last artifact of the last stage.
-GOALS = {"latency_speedup": 20.0, "size_reduction": 10.0, "dice_drop_points": 1.5, "fp32_artifact_dice_points": 0.1}
 
 
 @dataclass
@@ -159,26 +157,8 @@ def _card_mismatch(what: str, card: dict, run) -> list[str]:
 
 
 # ---------------------------------------------------------------- goals and output
-def check_goals(rows: list[Row], final_name: str | None = None) -> list[dict[str, Any]]:
-    teacher = next(r for r in rows if r.kind == "pytorch")
-    final = next((r for r in rows if f"{r.stage}/{r.kind}" == final_name), rows[-1])
-    fp32 = [r for r in rows if r.kind == "onnx"]
-    paired = [(r, next(p for p in rows if p.stage == r.stage and p.kind == "pytorch")) for r in fp32]
-    teacher_size = next((r.size_bytes for r in rows if r.stage == teacher.stage and r.kind == "onnx"), teacher.size_bytes)
-    goals = [
-        ("latency: final artifact vs teacher PyTorch eager", teacher.latency_ms / final.latency_ms, ">=", GOALS["latency_speedup"], "x"),
-        ("size on disk: teacher ONNX vs final artifact", teacher_size / final.size_bytes, ">=", GOALS["size_reduction"], "x"),
-        ("Dice drop, teacher -> final artifact", 100 * (teacher.dice - final.dice), "<=", GOALS["dice_drop_points"], "points"),
-    ] + [
-        (f"Dice, {r.stage} ONNX vs its PyTorch", 100 * abs(r.dice - p.dice), "<=", GOALS["fp32_artifact_dice_points"], "points")
-        for r, p in paired
-    ]
-    return [{"goal": g, "value": round(v, 3), "target": f"{op} {t} {unit}",
-             "met": bool(v >= t if op == ">=" else v <= t)} for g, v, op, t, unit in goals]
-
-
 def to_markdown(rows: list[Row], goals: list[dict[str, Any]], evaluations: list[dict[str, Any]] | None = None,
-                notes: list[str] | None = None) -> str:
+                notes: list[str] | None = None, final: str | None = None) -> str:
     head = ("| stage | artifact | params | MMACs | size (MB) | Dice | HD95 (mm) | CPU latency (ms) |\n"
             "|---|---|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(
@@ -186,7 +166,7 @@ def to_markdown(rows: list[Row], goals: list[dict[str, Any]], evaluations: list[
         f"{r.dice:.4f} | {r.hd95:.2f} | {r.latency_ms:.2f} |\n" for r in rows)
     return (head + body + "\nLatency: batch 1, one thread, median of interleaved rounds in this run; "
             "PyTorch rows are eager FP32, artifact rows onnxruntime CPU. Size of a PyTorch row is its weights (state dict).\n\n"
-            + evaluation_markdown(rows, evaluations or [], notes or []) + goals_markdown(goals))
+            + evaluation_markdown(rows, evaluations or [], notes or []) + goals_lib.goals_markdown(goals, final))
 
 
 def evaluation_markdown(rows: list[Row], evaluations: list[dict[str, Any]], notes: list[str]) -> str:
@@ -219,24 +199,19 @@ def evaluation_markdown(rows: list[Row], evaluations: list[dict[str, Any]], note
     return "\n\n".join(lines) + "\n" + table + "\n"
 
 
-# Goal checking stays apart from metric computation: goals only read the rows.
-def goals_markdown(goals: list[dict[str, Any]]) -> str:
-    if not goals:
-        return ""
-    lines = "".join(f"| {g['goal']} | {g['value']} | {g['target']} | {'met' if g['met'] else 'MISSED'} |\n" for g in goals)
-    return "| goal | value | target | |\n|---|---:|---|---|\n" + lines
-
-
 def write_report(run_dir: str | Path, max_batches: int | None = None, wandb_project: str | None = None,
-                 final: str | None = None) -> Path:
+                 final: str | None = None, goals: goals_lib.Goals | None = None) -> Path:
     """Evaluate every stage of ``run_dir`` on the whole validation set (or its first
     ``max_batches`` batches) and write the report; ``final`` (``STAGE/FORMAT``) picks the
-    deployable artifact the goals are checked on (default: the last row)."""
+    deployable artifact the goals are checked on, ``goals`` their limits (both default to what
+    the pipeline recorded in ``run_dir``, else the last row and ``trainer.goals``' defaults)."""
     from trainer.latency import time_interleaved
-    from trainer.report_plots import plot_qualitative, plot_tradeoff
+    from trainer.report_plots import plot_per_class, plot_qualitative, plot_tradeoff
 
     run_dir = Path(run_dir)
     stages = find_stages(run_dir)
+    recorded_final, recorded_goals = goals_lib.recorded(run_dir)
+    final, goals = final or recorded_final, goals or recorded_goals or goals_lib.Goals()
     rows: list[Row] = []
     runners: dict = {}
     views, evaluations, notes = [], [], []
@@ -252,19 +227,23 @@ def write_report(run_dir: str | Path, max_batches: int | None = None, wandb_proj
     times = time_interleaved(runners)
     for r in rows:
         r.latency_ms = 1000 * times[(r.stage, r.kind)]
-    goals = check_goals(rows, final) if len(stages) > 1 else []
-    md = to_markdown(rows, goals, evaluations, notes)
-    (run_dir / "report.md").write_text(f"# Compression report: {run_dir}\n\n" + md + "\n![tradeoff](report.png)\n")
-    (run_dir / "report.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "goals": goals,
+    goals_lib.check_class_names(goals, ["background", *rows[0].per_class_dice], f"report {run_dir}")
+    checked = goals_lib.check_goals(rows, final, goals) if len(stages) > 1 else []
+    md = to_markdown(rows, checked, evaluations, notes, final)
+    (run_dir / "report.md").write_text(f"# Compression report: {run_dir}\n\n" + md +
+                                       "\n![tradeoff](report.png)\n![Dice per class](per_class.png)\n")
+    (run_dir / "report.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "goals": checked,
+                                                     "failing_classes": goals_lib.failing_classes(checked),
                                                      "evaluation": evaluations, "notes": notes}, indent=1, default=float))
     plot_tradeoff(rows, run_dir / "report.png")
+    plot_per_class(rows, run_dir / "per_class.png")
     # teacher next to the stage of the deployable artifact (``final``), else the last stage
     shown = next((v for v in views if final and v[0] == final.split("/")[0]), views[-1])
     plot_qualitative(views[0][1], shown[1], views[0][0], shown[0], run_dir / "qualitative.png")
     if wandb_project:
         _log_wandb(run_dir, rows, wandb_project)
     print("\n" + md)
-    print(f"[report] {run_dir / 'report.md'}, report.json, report.png, qualitative.png")
+    print(f"[report] {run_dir / 'report.md'}, report.json, report.png, per_class.png, qualitative.png")
     return run_dir / "report.md"
 
 

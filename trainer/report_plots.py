@@ -55,3 +55,27 @@ def plot_qualitative(first, last, first_name: str, last_name: str, path: Path, c
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_per_class(rows, path: Path) -> None:
+    """Dice of every foreground class, one bar per (stage, artifact): a class that compression
+    lost shows as a missing bar, whatever the mean does."""
+    names = list(rows[0].per_class_dice)
+    if not names:
+        return
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(names) + 0.35 * len(rows)), 4))
+    width = 0.8 / len(rows)
+    x = np.arange(len(names))
+    for i, r in enumerate(rows):
+        values = [r.per_class_dice.get(n, np.nan) for n in names]
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, values, width, label=f"{r.stage} {r.kind}",
+               hatch="" if r.kind == "pytorch" else "//", edgecolor="white", linewidth=0.3)
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("validation Dice")
+    ax.set_title("Dice per class at every stage (hatched: exported artifact)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2, loc="lower left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -7,8 +7,8 @@ import torch
 
 from datamodules.augment import AugmentConfig, apply_augment, draw_params, read_patch
 from datamodules.datasets import PatchDataset
-from datamodules.sampling import (EpochSampler, choose_patch, forced_foreground, round_train_samples, sample_rng,
-                                  scan_labels)
+from datamodules.sampling import (EpochSampler, choose_patch, forced_foreground, pick_class, round_train_samples,
+                                  sample_rng, scan_labels)
 from datamodules.schema import CaseInfo, DatasetHeader
 from datamodules.store import ArrayStore, read_region
 from dmhelpers import make_dm
@@ -56,6 +56,45 @@ def test_class_balanced_crops_pick_a_present_class_uniformly():
     assert freq[0] == freq[4] == 0 and np.allclose(freq[1:4], 1 / 3, atol=0.03)
     starts, cls = choose_patch(rng, label.shape, [16, 16], scan_labels(np.zeros_like(label), 5, "t"), force_fg=True)
     assert cls == 0  # nothing to force onto: a random crop
+
+
+def test_class_weights_steer_forced_crops_to_a_rare_class():
+    """fg_class_weights {3: 4}: among the classes present, the tiny class is targeted 4x as
+    often as each other one; an absent class's weight is ignored; a case whose present
+    classes all weigh 0 falls back to uniform."""
+    rng = np.random.default_rng(0)
+    label = np.zeros((8, 64, 64), np.uint8)
+    label[2:6, 5:40, 5:40] = 1
+    label[3, 20:22, 20:22] = 3
+    label[4:8, 50:60, 50:60] = 2
+    stats = scan_labels(label, 5, "t")
+    weights = [0.0, 1.0, 1.0, 4.0, 9.0]  # class 4 is absent from the case
+    picks = []
+    for _ in range(3000):
+        starts, cls = choose_patch(rng, label.shape, [16, 16], stats, force_fg=True, class_weights=weights)
+        assert (label[starts[0], starts[1]:starts[1] + 16, starts[2]:starts[2] + 16] == cls).any()
+        picks.append(cls)
+    freq = np.bincount(picks, minlength=5) / len(picks)
+    assert np.allclose(freq, [0, 1 / 6, 1 / 6, 4 / 6, 0], atol=0.03)
+    assert pick_class([1, 2], [0.0, 0.0, 0.0, 5.0], 0.7) == 2  # all present weigh 0: uniform
+    assert [pick_class([1, 2, 3], [0, 1, 1, 2], u) for u in (0.0, 0.24, 0.26, 0.49, 0.51, 0.999)] == [1, 1, 2, 2, 3, 3]
+
+
+def test_class_weights_reach_the_training_batches(data_files):
+    """Through the datamodule: {lesion: 8} puts a lesion in more forced samples than uniform
+    choice does, and the samples are still a function of (seed, epoch, key)."""
+    common = {"samples_per_epoch": 96, "augment": False, "fg_oversample": 1.0}
+
+    def lesion_share(dm):
+        return torch.cat([(b["label"] == 4).flatten(1).any(1) for b in _patches(dm)]).float().mean()
+
+    uniform = make_dm(data_files["h5", 2], 2, **common)
+    rare = make_dm(data_files["h5", 2], 2, fg_class_weights={"lesion": 8}, **common)
+    assert rare.fg_class_weights == [0.0, 1.0, 1.0, 1.0, 8.0]
+    assert lesion_share(rare) > lesion_share(uniform) + 0.1  # measured 0.875 vs 0.698
+    again = make_dm(data_files["h5", 2], 2, fg_class_weights=[1, 1, 1, 8], **common)
+    for x, y in zip(_patches(rare, epoch=3), _patches(again, epoch=3)):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
 
 
 def test_forced_foreground_is_exact_over_consecutive_keys():

@@ -30,6 +30,7 @@ def write_pipeline(tmp: Path, teacher_epochs: int = 2, student_epochs: int = 2) 
                                         "model.net.init_args.base_channels": 4},
              "inputs": {"model.init_from": "teacher"}, "export": ["onnx"]},
         ],
+        "goals": {"class_dice_drop_points": {"default": 3, "organ2": 100}},
     }
     path = tmp / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -108,6 +109,14 @@ def test_pipeline_runs_resumes_after_kill_skips_and_refuses_changes(tmp_path, su
     assert all(r["latency_ms"] > 0 and 0 <= r["dice"] <= 1 for r in report["rows"])
     assert report["goals"] and {"goal", "value", "target", "met"} <= set(report["goals"][0])
     assert (run_dir / "report.png").stat().st_size > 0 and (run_dir / "qualitative.png").stat().st_size > 0
+    # every foreground class checked against the limit the pipeline file states for it
+    per_class = {g["class"]: g for g in report["goals"] if "final" in g}
+    assert {c: g["limit"] for c, g in per_class.items()} == {"organ1": 3, "organ2": 100}
+    assert report["failing_classes"] == [c for c, g in per_class.items() if not g["met"]]
+    assert per_class["organ2"]["met"] == (per_class["organ2"]["value"] <= 100)
+    md = (run_dir / "report.md").read_text()
+    assert "| class | teacher | final | drop | limit | |" in md and "| organ2 |" in md
+    assert (run_dir / "per_class.png").stat().st_size > 0
     # 3) a third run skips both stages
     out = launch(["pipeline", str(path), "--no-report"], subprocess_env).stdout
     assert "teacher: complete, skipped" in out and "student: complete, skipped" in out
