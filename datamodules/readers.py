@@ -13,9 +13,12 @@ it), ``affine`` maps those indices to RAS+ millimetres. Every failure is a one-l
 """
 from __future__ import annotations
 
+import locale
 import os
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -89,6 +92,19 @@ def _read_nifti(path: str, what: str) -> Volume:
 
 
 # -- SimpleITK: NRRD, MetaImage, DICOM ---------------------------------------------------------------
+@contextmanager
+def kept_locale() -> Iterator[None]:
+    """Undo a C locale that GDCM (SimpleITK's DICOM I/O) sets for the whole process (its writer
+    was seen to; reading is guarded alike): with it, Python decodes every later subprocess's
+    output as ASCII, and a child that prints one non-ASCII character (Lightning's tips do)
+    fails with UnicodeDecodeError."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def _sitk():
     try:
         import SimpleITK as sitk
@@ -123,7 +139,8 @@ def _from_sitk(image, path: str, what: str) -> Volume:
 def _read_sitk_file(path: str, what: str) -> Volume:
     sitk = _sitk()
     try:
-        image = sitk.ReadImage(path)
+        with kept_locale():
+            image = sitk.ReadImage(path)
     except RuntimeError as e:
         raise UserError(f"{what} {path}: SimpleITK cannot read it ({_short(e).split('Description:')[-1].strip()})") from None
     return _from_sitk(image, path, what)
@@ -131,6 +148,11 @@ def _read_sitk_file(path: str, what: str) -> Volume:
 
 def _read_dicom_series(folder: str, what: str) -> Volume:
     sitk = _sitk()
+    with kept_locale():
+        return _from_sitk(_dicom_image(sitk, folder, what), folder, what)
+
+
+def _dicom_image(sitk, folder: str, what: str):
     reader = sitk.ImageSeriesReader()
     try:
         series = reader.GetGDCMSeriesIDs(folder)
@@ -144,10 +166,9 @@ def _read_dicom_series(folder: str, what: str) -> Volume:
     files = reader.GetGDCMSeriesFileNames(folder, series[0])
     reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        return reader.Execute()
     except RuntimeError as e:
         raise UserError(f"{what} {folder}: cannot read the DICOM series ({_short(e)})") from None
-    return _from_sitk(image, folder, what)
 
 
 # -- NumPy (never unpickled) ----------------------------------------------------------------------

@@ -4,6 +4,7 @@ normalisation and the record the data file keeps of it; ``data inspect``'s stati
 from __future__ import annotations
 
 import json
+import locale
 
 import nibabel as nib
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from datamodules.h5io import iter_h5_cases, read_h5_case_records, read_h5_description
+from datamodules.readers import kept_locale
 from datamodules.tools import main
 
 RAS = np.diag([0.8, 0.9, 2.5, 1.0])
@@ -166,7 +168,8 @@ def _dicom_series(folder, image):
         for key, value in tags.items():
             s.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"{i:03d}.dcm"))
-        writer.Execute(s)
+        with kept_locale():  # GDCM's writer sets the C locale for the whole process
+            writer.Execute(s)
 
 
 def test_nrrd_mha_and_dicom_series_read_like_nifti(tmp_path):
@@ -188,7 +191,9 @@ def test_nrrd_mha_and_dicom_series_read_like_nifti(tmp_path):
     _dicom_series(src / "dcm_image", _itk(flipped_hu, lps))
     _nii(src / "dcm_label.nii.gz", label, RAS)  # a NIfTI label on the DICOM's grid (stored RAS)
     out = str(tmp_path / "all.h5")
+    before = locale.setlocale(locale.LC_ALL)
     assert main(["convert", str(src), "--out", out, "--normalize", "noNorm", "--num-classes", "3"]) == 0
+    assert locale.setlocale(locale.LC_ALL) == before  # reading DICOM leaves the process's locale alone
     got = {cid: (img, lab, sp) for cid, img, lab, sp in iter_h5_cases(out)}
     ref_img, ref_lab, ref_sp = got["nii"]
     np.testing.assert_array_equal(ref_img[0], hu.transpose(2, 1, 0).astype(np.float32))

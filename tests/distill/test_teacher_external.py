@@ -196,11 +196,11 @@ PHANTOM_3_CLASSES = {"cases": 3, "shape": [2, 32, 32], "seed": 0, "num_classes":
 
 
 def test_offline_cache_command_checks_the_teachers_input(nnunet_folder, tmp_path):
-    """`launch.py distill-cache` binds the teacher like the callback: the phantom file records no
-    preprocessing, so the nnU-Net teacher is refused unless --teacher-input as_is vouches for it."""
+    """`launch.py distill-cache` binds the teacher like the callback: the phantom file records a
+    per-case z-score, the CT nnU-Net teacher is refused unless --teacher-input as_is vouches for it."""
     argv = ["--teacher", str(nnunet_folder), "--data-config", str(data_recipe(tmp_path, generate=PHANTOM_3_CLASSES)),
             "--out", str(tmp_path / "cache.h5")]
-    with pytest.raises(UserError, match=r"records no intensity normalisation, but teacher .*nnUNetPlans__2d expects"):
+    with pytest.raises(UserError, match=r"phantom2d.h5 channel 0 is normalised as z-score per case, teacher .*nnUNetPlans__2d expects CT"):
         distill_cache(argv)
     assert not (tmp_path / "cache.h5").exists()
     assert distill_cache([*argv, "--teacher-input", "as_is"]) == 0
