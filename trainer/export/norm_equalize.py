@@ -88,14 +88,16 @@ def _find_sites(model: onnx.ModelProto) -> list[_Site]:
         if node.op_type == "ConvTranspose" and _attr(node, "group", 1) != 1:
             continue
         out = node.output[0]
-        nxt = readers.get(out, [])
+        # a Shape node reads only the shape (GroupNorm exported with dynamic axes takes the
+        # shape to reshape back to from the conv's output): scaling the values cannot change it
+        nxt = [n for n in readers.get(out, []) if n.op_type != "Shape"]
         if out in graph_outputs or len(nxt) != 1:
             continue
         channels = _out_channels(node, inits[node.input[1]])
         if nxt[0].op_type == _NORM:
             sites.append(_Site(node, nxt[0], 1))
         elif nxt[0].op_type == "Reshape" and nxt[0].output[0] not in graph_outputs:
-            after = readers.get(nxt[0].output[0], [])
+            after = [n for n in readers.get(nxt[0].output[0], []) if n.op_type != "Shape"]
             if len(after) == 1 and after[0].op_type == _NORM and after[0].input[1] in inits:
                 groups = int(np.prod(numpy_helper.to_array(inits[after[0].input[1]]).shape))
                 if groups > 0 and channels % groups == 0:
