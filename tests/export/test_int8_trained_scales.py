@@ -102,3 +102,27 @@ def test_seven_bit_trained_weights_are_kept_exactly(tmp_path, net2d, data2d, met
     stored = consts[producer[conv.input[1]].input[0]].astype(int)
     assert np.array_equal(np.abs(stored), np.abs(w_int).astype(int))
     assert check_int8_accumulation(artifact).ok
+
+
+@pytest.mark.parametrize("train_mode", [True, False], ids=["heads-calibrated-as-in-QAT", "heads-never-run-as-in-PTQ"])
+def test_deep_supervision_heads_of_a_quantized_net_need_no_match(tmp_path, net2d, data2d, meta2d, train_mode):
+    """Deep-supervision heads are quantized with the rest but run only in training: they are not
+    in the exported graph. Calibrated in training mode (QAT) they have trained scales the graph
+    has no place for; calibrated in eval mode (PTQ) they were never reached. Either way the
+    trained-scale export keeps every layer the graph does have (the main job's QAT stage failed
+    here: "quantized layers ['ds_heads.0', 'ds_heads.1'] were not found")."""
+    from trainer.models import UNet
+    from trainer.quant.calibrate import calibrate
+    from trainer.quant.convert import quantize_net
+
+    net = UNet(spatial_dims=2, in_channels=1, num_classes=3, depth=2, base_channels=8, deep_supervision=True, ds_levels=1)
+    missing, _ = net.load_state_dict(net2d.state_dict(), strict=False)
+    assert missing and all(k.startswith("ds_heads.") for k in missing)
+    quantize_net(net, (), "error", learnable_scales=False, weight_bits=7)
+    calibrate(net, [b["image"] for b in data2d["val"]], "percentile", train_mode=train_mode)
+    heads = quant_layers(net)["ds_heads.0"]
+    assert heads.input_quant.enabled is train_mode
+    artifact = export_artifact(net.eval(), "onnx-int8-cpu", tmp_path / "out", data2d["val"], meta2d, threads=1,
+                               tolerance=TOY, format_options={"benchmark_runs": 0})
+    card = json.loads((artifact.parent / CARD_NAME).read_text())
+    assert card["verification"]["passed"] and card["details"]["source"].startswith("trained scales")

@@ -27,7 +27,7 @@ import copy
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import onnx
@@ -75,16 +75,27 @@ class TrainedScales:
         }
 
 
-def float_equivalent(net: nn.Module) -> tuple[nn.Module, dict[str, LayerGrid]]:
+def float_equivalent(net: nn.Module, example: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, LayerGrid]]:
     """A CPU eval copy of ``net`` with each quantized layer's weight replaced by its fake-quantized
-    value and the quantizers removed, plus each layer's trained grid."""
+    value and the quantizers removed, plus each layer's trained grid.
+
+    A layer whose quantizers were never calibrated is refused, unless ``example`` shows that the
+    inference forward never runs it (deep-supervision heads of a net PTQ calibrated in eval
+    mode): it is not in the exported graph and keeps its float weights."""
     model = copy.deepcopy(net).cpu().float().eval()
     bake_for_export(model)
+    layers = quant_layers(model)
+    uncalibrated = [name for name, layer in layers.items()
+                    if not (layer.weight_quant.enabled and layer.input_quant.enabled)]
+    used = uncalibrated if example is None else list(_layer_inputs(model, uncalibrated, example))
+    if used:
+        raise UserError(f"{used[0]}: quantizer is not calibrated; a QAT or PTQ checkpoint must be calibrated before export")
     grids: dict[str, LayerGrid] = {}
-    for name, layer in quant_layers(model).items():
+    for name, layer in layers.items():
         wq, iq = layer.weight_quant, layer.input_quant
-        if not (wq.enabled and iq.enabled):
-            raise UserError(f"{name}: quantizer is not calibrated; a QAT or PTQ checkpoint must be calibrated before export")
+        if name in uncalibrated:
+            dequantize_layer(layer)
+            continue
         with torch.no_grad():
             fake = wq(layer.weight).detach().clone()
         scale = wq.scale.detach().float().cpu()
@@ -217,17 +228,20 @@ def _match_layers(model: nn.Module, grids: dict[str, LayerGrid], proto: onnx.Mod
         if found:
             matches.append((node, found[0]))
             used.add(found[0])
-    missing = sorted(set(grids) - used)
+    # layers the inference forward never runs (deep-supervision heads: training only) are not in
+    # the exported graph and need no match; every layer it does run must be found
+    missing = sorted(set(seen) - used)
     if missing:
         raise UserError(f"quantized layers {missing[:5]} were not found among the exported graph's convolutions; "
                         "cannot keep their trained scales")
     return matches
 
 
-def _layer_inputs(model: nn.Module, grids: dict[str, LayerGrid], example: torch.Tensor) -> dict[str, np.ndarray]:
+def _layer_inputs(model: nn.Module, names: Iterable[str], example: torch.Tensor) -> dict[str, np.ndarray]:
+    """The input of each layer in ``names`` that the eval forward runs on ``example``."""
     seen: dict[str, np.ndarray] = {}
     modules = dict(model.named_modules())
-    hooks = [modules[name].register_forward_pre_hook(_recorder(seen, name)) for name in grids]
+    hooks = [modules[name].register_forward_pre_hook(_recorder(seen, name)) for name in names]
     try:
         with torch.no_grad():
             model(example.float().cpu())

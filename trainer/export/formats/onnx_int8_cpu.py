@@ -242,7 +242,7 @@ class OnnxInt8Cpu(ExportFormat):
             return ctx.net, {}
         if not self.per_channel:
             raise UserError("onnx-int8-cpu: a QAT/PTQ network keeps its per-channel weight scales; drop --no-per-channel")
-        return float_equivalent(ctx.net)
+        return float_equivalent(ctx.net, ctx.example)
 
     def _export_float(self, net, ctx: BuildContext):
         raw, slim = ctx.work_dir / "trained_raw.onnx", ctx.work_dir / "trained_float.onnx"
