@@ -38,8 +38,9 @@ class SlowUntilSignalled(pl.Callback):
 def data_spec(path: Path) -> dict[str, Any]:
     return {"class_path": "datamodules.hdf5.HDF5SegDataModule",
             "init_args": {"path": str(path), "spatial_dims": 2, "patch_size": [32, 32], "batch_size": 2,
-                          "num_workers": 2, "samples_per_epoch": 16, "val_fraction": 0.2,
-                          "generate": {"cases": 6, "shape": [4, 32, 32], "seed": 0}}}
+                          # 2 validation cases: evaluation is sharded by whole case, one per rank of 2
+                          "num_workers": 2, "samples_per_epoch": 16, "val_fraction": 0.25,
+                          "generate": {"cases": 8, "shape": [4, 32, 32], "seed": 0}}}
 
 
 def recipe(run: Path, data: Path, *, max_steps: int, callbacks: list[dict] | None = None, devices: int = 1) -> dict:
