@@ -66,22 +66,29 @@ def test_signal_before_training_requeues_without_dying(tmp_path):
     assert not list((run / "checkpoints").glob("step=*.ckpt")), "trained although a requeue signal was pending"
 
 
-@pytest.mark.slow
-def test_sigterm_mid_training_saves_requeues_and_resumes_exactly(tmp_path):
+def _reference_then_paused_run(tmp_path, config):
+    """An uninterrupted reference run, then the same recipe started under a fake SLURM
+    environment, pausing at step 4 (``scale_kit.PauseAt`` writes rank 0's pid to ``marker``)."""
     ref = tmp_path / "ref"
-    kit.write_recipe(ref / "recipe.yaml", kit.recipe(ref, **CONFIG))
+    kit.write_recipe(ref / "recipe.yaml", kit.recipe(ref, **config))
     kit.launch(["fit", "--config", str(ref / "recipe.yaml")], kit.env_with_kit())
-
-    run = tmp_path / "run"
-    marker = tmp_path / "paused"
+    run, marker = tmp_path / "run", tmp_path / "paused"
     pause = {"class_path": "scale_kit.PauseAt", "init_args": {"step": 4, "marker": str(marker)}}
-    recipe = kit.write_recipe(run / "recipe.yaml", kit.recipe(run, callbacks=[pause], **CONFIG))
-    env = fake_slurm_env(tmp_path)
-    proc = start_fit(["fit", "--config", str(recipe)], env)
-    deadline = time.monotonic() + 180
-    while not marker.exists():
+    recipe = kit.write_recipe(run / "recipe.yaml", kit.recipe(run, callbacks=[pause], **config))
+    return ref, run, recipe, marker, start_fit(["fit", "--config", str(recipe)], fake_slurm_env(tmp_path))
+
+
+def _wait_until_paused(proc, marker, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not marker.exists() or not marker.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, finish(proc)[-3000:]
         time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_training_saves_requeues_and_resumes_exactly(tmp_path):
+    ref, run, recipe, marker, proc = _reference_then_paused_run(tmp_path, CONFIG)
+    _wait_until_paused(proc, marker, 180)
     os.kill(proc.pid, signal.SIGTERM)  # what SLURM sends on preemption
     out = finish(proc)
     assert proc.returncode == 0, out[-3000:]
@@ -108,19 +115,8 @@ def test_one_signalled_rank_of_two_stops_both_at_the_same_step_and_resumes_exact
     asynchronous gloo vote (no collective on the training device per step), one step after
     the signal, save together, requeue once, and the resumed run ends bitwise equal."""
     config = dict(CONFIG, devices=2, max_steps=10, val_every=None)  # no validation: only the per-step vote decides
-    ref = tmp_path / "ref"
-    kit.write_recipe(ref / "recipe.yaml", kit.recipe(ref, **config))
-    kit.launch(["fit", "--config", str(ref / "recipe.yaml")], kit.env_with_kit())
-
-    run = tmp_path / "run"
-    marker = tmp_path / "paused"
-    pause = {"class_path": "scale_kit.PauseAt", "init_args": {"step": 4, "marker": str(marker)}}
-    recipe = kit.write_recipe(run / "recipe.yaml", kit.recipe(run, callbacks=[pause], **config))
-    proc = start_fit(["fit", "--config", str(recipe)], fake_slurm_env(tmp_path))
-    deadline = time.monotonic() + 240
-    while not marker.exists() or not marker.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, finish(proc)[-3000:]
-        time.sleep(0.2)
+    ref, run, recipe, marker, proc = _reference_then_paused_run(tmp_path, config)
+    _wait_until_paused(proc, marker, 240)
     os.kill(int(marker.read_text()), signal.SIGUSR1)  # rank 0's process only
     out = finish(proc)
     assert proc.returncode == 0, out[-3000:]

@@ -1,1 +1,0 @@
-"""A third-party compressseg plugin, as a lab would write one (used by tests/plugins)."""
