@@ -9,8 +9,8 @@ nothing changes. Otherwise each weighted layer (Conv, ConvTranspose, MatMul, Gem
 that order whose float precision makes the artifact pass is found by bisection; the rest stays
 INT8. On
 Instance/GroupNorm networks the layers chosen are those at full resolution next to the input
-and the output (measured on five MONAI networks, ``benchmarks/bench_int8_norm.py``): noise
-added there reaches the logits without being averaged by later layers.
+and the output (seen on the five MONAI networks of ``tests/networks`` while this was
+developed; no benchmark script was kept): noise added there reaches the logits without being averaged by later layers.
 
 Cost, only when the first artifact fails: one quantization per weighted layer plus about
 log2(layers) for the bisection (seconds for small 2D networks, minutes for large 3D ones;

@@ -19,8 +19,8 @@ Two sources:
 Every artifact passes the static overflow check before it is run, on any machine.
 
 Float networks with Instance/GroupNorm (MONAI's, nnU-Net's, this framework's ``norm:
-instance``) need two more steps, both measured (``benchmarks/bench_int8_norm.py``): the
-normalization ops stay in float (quantizing their inputs, outputs and scales only added
+instance``) need two more steps (tested at the default tolerance in
+``tests/networks/test_int8_norm_networks.py``): the normalization ops stay in float (quantizing their inputs, outputs and scales only added
 error), the convolutions feeding them are equalized per channel first
 (``trainer/export/norm_equalize.py``), and if the all-INT8 artifact still misses the tolerance
 on the calibration inputs, the layers whose float precision measurably matters are left in
