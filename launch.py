@@ -1,22 +1,6 @@
 #!/usr/bin/env python3
-"""Entry point: ``python3 launch.py COMMAND ...``.
-
-Commands:
-    main                     install if needed, then run the demo job on phantom data
-    test [pytest args]       install if needed, then run the test suite
-    setup                    only create/update the .venv
-    fit|validate|test|predict --config recipes/X.yaml   (LightningCLI)
-    export --ckpt PATH --format onnx --out DIR
-    verify ARTIFACT_DIR [--data FILE]          re-verify an export here (deployment machine), exit 0/2
-    quantize --ckpt PATH --out NEW.ckpt        post-training quantization
-    distill-cache --teacher CKPT --data-config recipes/X.yaml --out FILE
-    data generate|convert|inspect ...
-    submit --config recipes/X.yaml --nodes N --gpus-per-node G --time HH:MM:SS
-    pipeline recipes/pipeline_X.yaml
-    report RUN_DIR
-
-``test`` with no further words runs the suite; ``test --config ...`` is Lightning's test.
-"""
+"""Entry point: ``python3 launch.py COMMAND ...``; ``python3 launch.py --help`` lists the
+commands (the list lives in ``trainer/cli.py``, next to the dispatch table it describes)."""
 import importlib.util
 import sys
 

@@ -15,6 +15,25 @@ from trainer.errors import UserError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
+USAGE = """usage: python3 launch.py COMMAND ...
+
+Commands:
+    main                     install if needed, then run the demo job on phantom data
+    test [pytest args]       install if needed, then run the test suite
+    setup                    only create/update the .venv
+    fit|validate|test|predict --config recipes/X.yaml   (LightningCLI; --help for its options)
+    export --ckpt PATH --format onnx --out DIR
+    verify ARTIFACT_DIR [--data FILE]          re-verify an export here (deployment machine), exit 0/2
+    quantize --ckpt PATH --out NEW.ckpt        post-training quantization
+    distill-cache --teacher CKPT --data-config recipes/X.yaml --out FILE
+    data generate|convert|inspect ...
+    submit --config recipes/X.yaml --nodes N --gpus-per-node G --time HH:MM:SS
+    pipeline recipes/pipeline_X.yaml
+    report RUN_DIR
+
+``test`` with no further words runs the suite; ``test --config ...`` is Lightning's test.
+COMMAND --help describes a command's options."""
+
 
 def _lightning(argv: list[str]) -> int:
     from trainer.callbacks.requeue import RequeueStop
@@ -77,7 +96,7 @@ def _catch_requeue_signals() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__import__("launch").__doc__ if "launch" in sys.modules else __doc__)
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     _configure_environment()
     cmd, rest = argv[0], argv[1:]
