@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import sys
-import tempfile
 import types
 import zipfile
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -33,6 +31,7 @@ import torch
 from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from trainer.atomic import atomic_file
 from trainer.errors import UserError
 from trainer.inputs import file_problem
 
@@ -315,41 +314,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` so that a kill at any moment leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; keep the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """``torch.save`` to ``path`` so that a kill at any moment leaves the old file or the new one
+    (temporaries a SIGKILL left behind are removed first: one writer owns a checkpoint path)."""
+    with atomic_file(path, "wb", clean_stale=True) as fh:
+        torch.save(obj, fh)
 
 
 # ============================================================================ --ckpt_path last

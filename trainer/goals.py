@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer import atomic
 from trainer.errors import UserError
 
 SCALARS = {  # key: (default, what, comparison)
@@ -192,10 +193,8 @@ RECORD = "pipeline.json"
 def record(run_dir: Path, pipeline: Path, final: str | None, goals: Goals) -> None:
     """Write the pipeline's ``final`` and goals into its run folder, so ``launch.py report
     RUN_DIR`` checks the same goals later without being told them again."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RECORD + ".tmp")
-    tmp.write_text(json.dumps({"pipeline": str(pipeline), "final": final, "goals": goals.to_dict()}, indent=1))
-    tmp.replace(run_dir / RECORD)
+    atomic.write_text(run_dir / RECORD, json.dumps({"pipeline": str(pipeline), "final": final, "goals": goals.to_dict()},
+                                                   indent=1))
 
 
 def recorded(run_dir: Path) -> tuple[str | None, Goals | None]:

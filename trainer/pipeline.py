@@ -43,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from trainer import atomic
 from trainer.errors import UserError
 from trainer.inputs import load_yaml_file
 from trainer.export.card import sha256_file
@@ -392,9 +393,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(data, indent=1))
 
 
 def main(argv: list[str]) -> int:

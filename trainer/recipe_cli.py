@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from trainer import atomic
 from trainer.errors import UserError
 from trainer.module import SegmentationModule
 from trainer.recipe_rules import apply_recipe_rules, check_recipe_arguments
@@ -141,11 +142,7 @@ def write_fit_status(trainer: pl.Trainer) -> None:
     )
     status = {"completed": bool(completed and not trainer.interrupted), "epoch": trainer.current_epoch,
               "global_step": trainer.global_step}
-    path = Path(trainer.default_root_dir) / FIT_STATUS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(status))
-    os.replace(tmp, path)
+    atomic.write_text(Path(trainer.default_root_dir) / FIT_STATUS, json.dumps(status))
 
 
 def run_lightning_cli(argv: list[str]) -> RecipeCLI:

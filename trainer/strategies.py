@@ -37,6 +37,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as _StockDeepSpeedStrategy
 from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 
+from trainer import atomic
 from trainer.accelerator_guard import check_cpu_training
 from trainer.checkpointing import ZERO_COMPLETE, ZERO_WRITING
 from trainer.errors import UserError
@@ -169,12 +170,7 @@ def _write_marker(directory: Path, world_size: int, stage: int) -> None:
         if p.is_file() and p.name not in (ZERO_COMPLETE, ZERO_WRITING) and not p.name.startswith(".")
     }
     text = json.dumps({"world_size": world_size, "zero_stage": stage, "files": files}, indent=1)
-    tmp = directory / f".{ZERO_COMPLETE}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / ZERO_COMPLETE)
+    atomic.write_text(directory / ZERO_COMPLETE, text)
 
 
 def _prepare_deepspeed_for_cpu() -> None:

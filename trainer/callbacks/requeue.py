@@ -50,6 +50,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from trainer import atomic
 from trainer.errors import UserError
 from trainer.requeue_signals import (
     install_signal_handlers, installed, loader_is_shielded, received, signal_name, slurm_job_id,
@@ -191,11 +192,8 @@ class RequeueOnSignal(pl.Callback):
             history = {}
         idle = int(history.get("idle_allocations", 0)) if history.get("job") == job else 0
         idle = 0 if trainer.global_step > self._start_step else idle + 1
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{HISTORY}.tmp")
-        tmp.write_text(json.dumps({"job": job, "idle_allocations": idle, "global_step": trainer.global_step,
-                                   "restart": os.environ.get("SLURM_RESTART_COUNT", "0")}))
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps({"job": job, "idle_allocations": idle, "global_step": trainer.global_step,
+                                            "restart": os.environ.get("SLURM_RESTART_COUNT", "0")}))
         if not self.max_idle_allocations or idle < self.max_idle_allocations:
             return None
         return (f"RequeueOnSignal: job {job} made no optimizer step in {idle} consecutive allocations (still at step "

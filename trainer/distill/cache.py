@@ -43,7 +43,6 @@ import hashlib
 import json
 import os
 import sys
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -55,6 +54,7 @@ import torch
 from trainer.distill.teacher import ENSEMBLE_MODES, TeacherEnsemble, bind_to_data, load_teacher, sha256_file
 from trainer.distill.teacher_input import MODES as TEACHER_INPUT_MODES
 from trainer import collectives, host_copy
+from trainer.atomic import atomic_path
 from trainer.errors import UserError
 from trainer.inference import predict_logits
 
@@ -341,24 +341,18 @@ def write_cache(out: str, teacher: TeacherEnsemble, teacher_infos: list[dict], d
         "spatial_dims": dims, "roi_size": json.dumps(roi),
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(Path(out).parent / f".{Path(out).name}.tmp-{uuid.uuid4().hex[:8]}")
     teacher.to(device).eval()
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(attrs)
-            for n, i in enumerate(indices):
-                case = store.cases[i]
-                logits = case_logits(teacher, np.asarray(store.image(i)[...]), dims, roi, divisor, batch_size, overlap, device)
-                if logits.shape[0] != int(datamodule.num_classes):
-                    raise UserError(f"teacher outputs {logits.shape[0]} classes, the data {datamodule.path} has "
-                                    f"{datamodule.num_classes}")
-                f.create_dataset(f"cases/{case.case_id}/logits", data=logits.astype(np.float16))
-                if log and (n + 1) % max(1, len(indices) // 10) == 0:
-                    log(f"[distill-cache] {n + 1}/{len(indices)} cases")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(attrs)
+        for n, i in enumerate(indices):
+            case = store.cases[i]
+            logits = case_logits(teacher, np.asarray(store.image(i)[...]), dims, roi, divisor, batch_size, overlap, device)
+            if logits.shape[0] != int(datamodule.num_classes):
+                raise UserError(f"teacher outputs {logits.shape[0]} classes, the data {datamodule.path} has "
+                                f"{datamodule.num_classes}")
+            f.create_dataset(f"cases/{case.case_id}/logits", data=logits.astype(np.float16))
+            if log and (n + 1) % max(1, len(indices) // 10) == 0:
+                log(f"[distill-cache] {n + 1}/{len(indices)} cases")
 
 
 # ---------------------------------------------------------------------------- command

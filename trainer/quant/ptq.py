@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from trainer.atomic import atomic_file
 from trainer.errors import UserError
 from trainer.quant.calibrate import METHODS, CalibrationReport, calibrate
 from trainer.quant.convert import FakeQuantConversion, ON_UNSUPPORTED, quantization_entry, quantize_net
@@ -80,10 +81,8 @@ def quantize_checkpoint(
     report = post_training_quantize(run.net, images, calibration, percentile, bins, skip_modules, on_unsupported,
                                     weight_bits)
     checkpoint = _ptq_checkpoint(run.checkpoint, run.module, report, Path(ckpt))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(out)  # never leave a half-written checkpoint under the final name
+    with atomic_file(out) as fh:  # never a half-written checkpoint under the final name
+        torch.save(checkpoint, fh)
     return out, report
 
 
