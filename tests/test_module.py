@@ -65,3 +65,24 @@ def test_not_a_checkpoint_is_named(tmp_path):
         SegmentationModule(tiny_net(), num_classes=3, init_from=str(bogus))
     with pytest.raises(UserError, match="does not exist"):
         SegmentationModule(tiny_net(), num_classes=3, init_from=str(tmp_path / "missing.ckpt"))
+
+
+def test_restore_refuses_weights_of_another_network_in_one_line_naming_the_file(tmp_path):
+    """Distillation adapters (training state) are dropped silently; any other weight that does
+    not fit the rebuilt network is refused, naming the checkpoint."""
+    from trainer.restore import restore_run
+
+    kwargs = dict(spatial_dims=2, num_classes=3, depth=2, base_channels=4)
+    torch.manual_seed(0)
+    net = UNet(**kwargs)
+    module = SegmentationModule(net, num_classes=3)
+    hparams = {"net": {"class_path": "trainer.models.UNet", "init_args": kwargs}, "num_classes": 3}
+    state = {**module.state_dict(), "distill_adapters.a.weight": torch.zeros(2, 2, 1, 1)}
+    path = tmp_path / "ok.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
+    restored = restore_run(path, with_data=False)
+    assert not hasattr(restored.module, "distill_adapters")
+    bad = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {**state, "net.extra.weight": torch.zeros(1)}, "hyper_parameters": hparams}, bad)
+    with pytest.raises(UserError, match=r"checkpoint .*other\.ckpt does not fit this recipe's UNet \(unexpected \['net\.extra\.weight'\]\)"):
+        restore_run(bad, with_data=False)

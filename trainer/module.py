@@ -325,11 +325,11 @@ class SegmentationModule(pl.LightningModule):
         # built: replaying pruning/QAT here makes the weights fit and the optimizer see the
         # final parameters.
         replay(self.net, checkpoint.get(CHECKPOINT_KEY, {}).get("structure", []))
-        self._check_checkpoint_fits(checkpoint)
+        self.check_checkpoint_fits(checkpoint, getattr(self._trainer, "ckpt_path", None) if self._trainer else None)
 
-    def _check_checkpoint_fits(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, in one line, a checkpoint whose weights do not fit this recipe's network
-        (Lightning's strict load would stop with a traceback a moment later)."""
+    def check_checkpoint_fits(self, checkpoint: dict[str, Any], path=None) -> None:
+        """Refuse, in one line naming ``path``, a checkpoint whose weights do not fit this
+        recipe's network (Lightning's strict load would stop with a traceback a moment later)."""
         if "state_dict" not in checkpoint:  # DeepSpeed: its engine holds (and checks) the weights
             return
         theirs, mine = checkpoint["state_dict"], self.state_dict()
@@ -346,7 +346,6 @@ class SegmentationModule(pl.LightningModule):
         made_by = ""
         if isinstance(net, dict):
             made_by = f"; it was trained with model.net {net.get('class_path')} {dict(net.get('init_args') or {})}"
-        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         raise UserError(f"checkpoint {path or ''} does not fit this recipe's {type(self.net).__name__} ({details}){made_by}; "
                         "resume with the recipe that wrote it, or start from its network with model.init_from")
 

@@ -15,13 +15,14 @@ from lightning.pytorch.cli import instantiate_module
 
 import datamodules  # noqa: F401  (makes the built-in datamodule classes importable by class_path)
 from trainer.checkpointing import load_checkpoint
+from trainer.distill.features import Adapters
 from trainer.errors import UserError
 from trainer.inputs import load_yaml_text
 from trainer.module import SegmentationModule
-from trainer.structure import CHECKPOINT_KEY
+from trainer.structure import CHECKPOINT_KEY, replay
 from trainer.trust import check_tree
 
-TRAINING_ONLY_PREFIXES = ("distill_adapters.",)  # trainer.distill.features.Adapters.ATTR
+TRAINING_ONLY_PREFIXES = (f"{Adapters.ATTR}.",)
 
 
 @dataclass
@@ -120,14 +121,9 @@ def _build_module(path: Path, ckpt: dict[str, Any]) -> SegmentationModule:
     # distillation adapters included; they are training state of the Distillation callback
     # (saved in its own section), not part of the model.
     weights = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
-    module.on_load_checkpoint({**ckpt, "state_dict": weights})  # replays pruning/QAT structure, checks the fit
-    missing, unexpected = module.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"{path}: weights do not match the rebuilt {type(module.net).__name__} "
-            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-            f"{'...' if len(unexpected) > 3 else ''})"
-        )
+    replay(module.net, ckpt.get(CHECKPOINT_KEY, {}).get("structure", []))  # pruning/QAT structure
+    module.check_checkpoint_fits({**ckpt, "state_dict": weights}, path)  # one line naming the file
+    module.load_state_dict(weights)
     return module
 
 
